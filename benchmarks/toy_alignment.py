@@ -11,6 +11,7 @@ from identical initial noise, and the script reports:
 
     python benchmarks/toy_alignment.py --method diffusion_dpo            # one method, 3 seeds
     python benchmarks/toy_alignment.py --all                             # every method; writes docs/benchmarks.md
+    python benchmarks/toy_alignment.py --table                           # the table from saved summaries
     python benchmarks/toy_alignment.py --method diffusion_dpo --seeds 0 --eval-seeds 8 --max-steps 5   # smoke run
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -148,6 +150,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=methods(), help="a config in examples/toy/")
     parser.add_argument("--all", action="store_true", help="every method, then rewrite the table in docs/benchmarks.md")
+    parser.add_argument(
+        "--table", action="store_true", help="rewrite the table in docs/benchmarks.md from the summaries earlier runs saved"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     parser.add_argument("--eval-seeds", type=int, default=64, help="initial-noise seeds per held-out prompt")
     parser.add_argument("--pairs", type=int, default=1024, help="candidate pairs of toy preference data")
@@ -155,14 +160,22 @@ def main() -> None:
     parser.add_argument("--pretrained", default=None, help="another base pipeline (default: the committed toy model)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "toy_alignment")
     args = parser.parse_args()
-    if not args.method and not args.all:
-        parser.error("give --method NAME or --all")
-    torch.set_num_threads(2)
+    if not (args.method or args.all or args.table):
+        parser.error("give --method NAME, --all or --table")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
     quiet_libraries()
-    summaries = [run_method(method, args) for method in (methods() if args.all else [args.method])]
-    markdown = table(summaries, "python benchmarks/toy_alignment.py " + ("--all" if args.all else f"--method {args.method}"))
+    if args.table:
+        saved = [args.out / method / "summary.json" for method in methods()]
+        missing = [str(path) for path in saved if not path.exists()]
+        if missing:
+            parser.error(f"no saved summary for {', '.join(missing)}: run --method NAME for each first")
+        summaries = [json.loads(path.read_text()) for path in saved]
+    else:
+        summaries = [run_method(method, args) for method in (methods() if args.all else [args.method])]
+    command = "--all" if args.all or args.table else f"--method {args.method}"
+    markdown = table(summaries, f"python benchmarks/toy_alignment.py {command}")
     print(markdown)
-    if args.all:
+    if args.all or args.table:
         write_table(markdown, REPO / "docs" / "benchmarks.md")
 
 

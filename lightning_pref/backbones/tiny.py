@@ -13,7 +13,17 @@ from typing import Iterable, Literal
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
+)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 TINY_WORDS = ("a", "an", "photo", "of", "red", "blue", "green", "cat", "dog", "circle", "square", "on")
@@ -61,6 +71,36 @@ def tiny_text_encoder(
     if projection_dim is None:
         return CLIPTextModel(config)
     return CLIPTextModelWithProjection(config)
+
+
+def build_t5_tokenizer(words: Iterable[str], model_max_length: int = 16) -> T5Tokenizer:
+    """A unigram (SentencePiece-style) T5 tokenizer: each of ``words`` one piece, plus single letters.
+
+    Words outside ``words`` still tokenize (letter by letter; other characters map to ``<unk>``).
+    """
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + word.lower(), -1.0) for word in dict.fromkeys(words)]
+    pieces += [(char, -5.0) for char in "abcdefghijklmnopqrstuvwxyz0123456789\u2581"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_t5_encoder(vocab_size: int, hidden_size: int = 32, umt5: bool = False) -> T5EncoderModel | UMT5EncoderModel:
+    """A two-layer T5 (CogVideoX, SD3) or UMT5 (Wan2.1) text encoder."""
+    options = dict(
+        vocab_size=vocab_size,
+        d_model=hidden_size,
+        d_kv=hidden_size // 2,
+        d_ff=2 * hidden_size,
+        num_layers=2,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    if umt5:
+        return UMT5EncoderModel(UMT5Config(**options))
+    return T5EncoderModel(T5Config(**options))
 
 
 def write_tiny_sd_pipeline(
