@@ -29,7 +29,7 @@ import torch
 
 from lightning_pref.backbones import StableDiffusionBackbone
 from lightning_pref.backbones.tiny import write_tiny_sd_pipeline
-from lightning_pref.methods import SDPO, DiffusionDPO, DPOClipMask
+from lightning_pref.methods import SDPO, DiffusionDPO, DPOClipMask, PairRandomness
 
 BETA = 2000.0
 SETTINGS = {  # name -> importance options shared by DPO-C&M and SDPO
@@ -67,8 +67,9 @@ def lora_gradients(modules: dict, batch: dict, seed: int) -> tuple[dict[str, tor
     """Each method's LoRA gradient on one shared draw: one forward, then each method's own ``compute_loss``."""
     network = modules["dpo"]
     params = [p for p in network.parameters() if p.requires_grad]
-    noisy = {name: module.noise_pairs(module.prepare_pairs(batch, gen), gen) for name, module in modules.items()
-             for gen in [torch.Generator().manual_seed(seed)]}  # identical draws; each module records its step
+    num_pairs = batch["latents_w"].shape[0]
+    noisy = {name: module.noise_pairs(module.prepare_pairs(batch, random), random) for name, module in modules.items()
+             for random in [PairRandomness.seeded(seed, 0, num_pairs)]}  # identical draws; each module records its step
     conditioning = network.backbone.conditioning_for(batch)
     errors = network.pair_errors(noisy["dpo"], conditioning, batch)
     gradients, metrics = {}, {}

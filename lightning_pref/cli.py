@@ -1,9 +1,10 @@
-"""The ``lightning-pref`` command: LightningCLI (fit, validate, ...) plus the ``data`` subcommands.
+"""The ``lightning-pref`` command: LightningCLI (fit, validate, ...) plus ``data``, ``plan`` and ``export``.
 
     lightning-pref fit --config examples/quickstart.yaml
     lightning-pref fit --config x.yaml --model.init_args.beta 2000 --trainer.max_steps 100
     lightning-pref fit --print_config
     lightning-pref data toy --out data/toy
+    lightning-pref export --config run/config.yaml --checkpoint run/checkpoints/last.ckpt --out tuned
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ def main(args: list[str] | None = None) -> None:
         from lightning_pref.data_commands import data_main
 
         data_main(words[1:])
+        return
+    if words and words[0] == "plan":
+        from lightning_pref.plan import plan_main
+
+        plan_main(words[1:])
+        return
+    if words and words[0] == "export":
+        from lightning_pref.export import export_main
+
+        export_main(words[1:])
         return
     PreferenceCLI(args=args)
 

@@ -112,7 +112,7 @@ def diffusion_dpo_loss(
     kind: PreferenceLossKind = "sigmoid",
     label_smoothing: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Diffusion-DPO (Wallace et al., CVPR 2024, arXiv 2311.12908, Eq. 14) [code].
+    """Diffusion-DPO (Wallace et al., CVPR 2024, arXiv 2311.12908, Eq. 14) ``[code]``.
 
     ``L = mean_pairs -log sigmoid(-(beta/2) * ((err_theta(w) - err_theta(l)) - (err_ref(w) - err_ref(l))))``
 
@@ -208,7 +208,7 @@ def dpo_clip_mask_loss(
     mask_threshold: float = 0.9,
     margin_clip: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """DPO-C&M (Yang et al., arXiv 2505.21893) [secondary][reconstructed], METHODS.md section 2.
+    """DPO-C&M (Yang et al., arXiv 2505.21893) [secondary]``[reconstructed]``, METHODS.md section 2.
 
     Diffusion-DPO on the timesteps whose importance weight is high enough for *both* branches:
 
@@ -221,7 +221,7 @@ def dpo_clip_mask_loss(
             (:meth:`~lightning_pref.processes.NoiseProcess.log_importance_weight`); used as a mask only.
         beta: KL strength (Diffusion-DPO units).
         mask_threshold: ``tau`` (0.9 in the paper). A batch with every pair masked has loss 0.
-        margin_clip: optional symmetric clip of ``u`` to ``[-c, c]`` (no gradient beyond it) [reconstructed].
+        margin_clip: optional symmetric clip of ``u`` to ``[-c, c]`` (no gradient beyond it) ``[reconstructed]``.
 
     Returns:
         The loss; :func:`pairwise_metrics` (on the unclipped ``u``) plus ``masked_fraction``.
@@ -253,7 +253,7 @@ def sdpo_loss(
     mask_threshold: float | None = 0.9,
     placement: ImportanceWeightPlacement = "inside",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """SDPO / SIPO, importance-sampled DPO (Yang et al., arXiv 2505.21893) [secondary][reconstructed], METHODS.md section 2.
+    """SDPO / SIPO, importance-sampled DPO (Yang et al., arXiv 2505.21893) [secondary]``[reconstructed]``, METHODS.md section 2.
 
     With ``wc = stopgrad(clip(w, 1 - eps, 1 + eps))`` and the mask ``m`` of :func:`importance_mask`:
 
@@ -345,7 +345,7 @@ def entropy_regularized_reference(
     policy_w: Tensor, policy_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float, gamma: float
 ) -> tuple[Tensor, Tensor]:
     """SEE-DPO's self-entropy regulariser as reference errors (Shekhar et al., TMLR 2025, arXiv 2411.04712)
-    [secondary][reconstructed], METHODS.md section 7.
+    [secondary]``[reconstructed]``, METHODS.md section 7.
 
     The objective ``E[r] - beta KL(p || p_ref) + gamma H(p)`` turns the margin into
     ``u_SEE = -(1/2) [(beta + gamma) D_theta - beta D_ref] = u - (gamma/2) D_theta``. Every pairwise loss
@@ -374,7 +374,7 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Diffusion-KTO (Li et al., arXiv 2404.04465) [code], METHODS.md "Beyond the seeds".
+    """Diffusion-KTO (Li et al., arXiv 2404.04465) ``[code]``, METHODS.md "Beyond the seeds".
 
     Unpaired: each sample carries its own label. With the implicit reward ``g = err_ref - err_theta`` and the
     reference point ``z = clamp(mean(g), 0)`` (detached; averaged over all ranks by the module):
@@ -500,7 +500,7 @@ def loser_gradient_scale(
     scope: SafeguardScope = "batch",
     sample_weight: Tensor | None = None,
 ) -> Tensor:
-    """The loser-gradient safeguard's ``lambda`` (Diffusion-SDPO, Fu et al., arXiv 2511.03317) [code].
+    """The loser-gradient safeguard's ``lambda`` (Diffusion-SDPO, Fu et al., arXiv 2511.03317) ``[code]``.
 
     ``g_w``, ``g_l`` are the gradients of the winner's and the loser's denoising error with respect to the
     model *output* (``2 (prediction - target) / N``, times the process's error weight). Scaling the loser

@@ -3,8 +3,8 @@
 Two families cover every backbone of the library:
 
 * :class:`DDPMProcess` (SD1.5, SDXL, CogVideoX): ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with an
-  epsilon target or a v target ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0``; built from a diffusers
-  ``DDPMScheduler`` config so the training noise matches the checkpoint's schedule exactly.
+  epsilon target or a v target ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0``; built from the checkpoint's
+  diffusers scheduler config so the training noise matches its schedule exactly (CogVideoX's included).
 * :class:`FlowMatchingProcess` (SD3, FLUX, Wan2.1): ``x_t = (1 - s) x0 + s eps`` with ``s`` in [0, 1] and the
   velocity target ``eps - x0``.
 
@@ -22,7 +22,7 @@ import math
 from typing import Any, Literal
 
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import CogVideoXDDIMScheduler, DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
 
@@ -106,11 +106,11 @@ class NoiseProcess:
         squared_error: Tensor,
         estimator: Literal["expected", "sampled"] = "expected",
         step: float | None = None,
-        generator: torch.Generator | None = None,
+        standard_normal: Tensor | None = None,
     ) -> Tensor:
         """``log w_t = log p_theta(x_prev | x_t) - log q(x_prev | x_t, x0)`` of each sample, stop-gradient.
 
-        SDPO / DPO-C&M (arXiv 2505.21893) [reconstructed], METHODS.md section 2. Both distributions are
+        SDPO / DPO-C&M (arXiv 2505.21893) ``[reconstructed]``, METHODS.md section 2. Both distributions are
         Gaussians with the same variance and means ``d`` apart, ``|d|^2 / (2 var) = c_t * squared_error``:
 
         * ``expected``: ``log w = -c_t * squared_error``, the expectation over ``x_prev ~ q``, i.e. ``-KL``;
@@ -125,7 +125,7 @@ class NoiseProcess:
                 KL of the whole latent, or the *mean* for the KL per element (the methods' ``kl_reduction``).
             estimator: ``expected`` or ``sampled``.
             step: reverse-step size in process time (``None``: one training step; see :meth:`previous_time`).
-            generator: draws ``xi`` for the ``sampled`` estimator.
+            standard_normal: ``xi``, ``(N,)``, for the ``sampled`` estimator (drawn here when ``None``).
 
         Returns:
             ``(N,)`` float32 log-weights, ``<= 0`` for ``expected``; detached.
@@ -144,16 +144,31 @@ class NoiseProcess:
         kl = torch.where(finite, coefficient, 0.0) * error
         log_weight = -kl
         if estimator == "sampled":
-            log_weight = log_weight - (2 * kl).sqrt() * torch.randn(kl.shape, generator=generator, dtype=torch.float64)
+            xi = torch.randn(kl.shape, dtype=torch.float64) if standard_normal is None else standard_normal.cpu().double()
+            log_weight = log_weight - (2 * kl).sqrt() * xi
         log_weight = torch.where(finite | (error == 0), log_weight, -math.inf)
         return log_weight.to(squared_error.device, torch.float32)
+
+
+def ddpm_scheduler_class(scheduler_config: dict[str, Any]) -> type[DDIMScheduler | CogVideoXDDIMScheduler]:
+    """The DDIM-style scheduler whose ``alphas_cumprod`` is the config's training schedule, and which samples.
+
+    CogVideoX's schedulers (Yang et al. 2024; ``_class_name`` ``CogVideoXDDIMScheduler`` or
+    ``CogVideoXDPMScheduler``, or a ``snr_shift_scale`` key) divide the SNR by ``snr_shift_scale`` before the
+    zero-terminal-SNR rescale, which ``DDIMScheduler`` ignores. Both share ``CogVideoXDDIMScheduler``'s schedule
+    and sample with it (``CogVideoXDPMScheduler.step`` takes extra arguments). Every other config:
+    ``DDIMScheduler``.
+    """
+    cogvideox = scheduler_config.get("_class_name") in ("CogVideoXDDIMScheduler", "CogVideoXDPMScheduler")
+    return CogVideoXDDIMScheduler if cogvideox or "snr_shift_scale" in scheduler_config else DDIMScheduler
 
 
 class DDPMProcess(NoiseProcess):
     """Discrete-time DDPM with epsilon or v prediction (Ho et al. 2020; Salimans & Ho 2022).
 
     Args:
-        scheduler_config: a diffusers scheduler config (``DDPMScheduler``-compatible keys).
+        scheduler_config: a diffusers scheduler config (``DDPMScheduler``-compatible keys); the schedule and the
+            sampler are those of :func:`ddpm_scheduler_class` (``DDIMScheduler``, or CogVideoX's own).
         timestep_range: train only on ``t`` in ``[low, high) * num_train_timesteps``.
         error_weighting: ``constant`` (Diffusion-DPO) or ``min_snr`` (Hang et al. 2023, ``gamma`` = 5).
     """
@@ -166,7 +181,8 @@ class DDPMProcess(NoiseProcess):
         min_snr_gamma: float = 5.0,
     ):
         super().__init__(timestep_range)
-        scheduler = DDIMScheduler.from_config(scheduler_config)
+        self.scheduler_class = ddpm_scheduler_class(scheduler_config)
+        scheduler = self.scheduler_class.from_config(scheduler_config)
         self.scheduler_config = dict(scheduler.config)
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -212,8 +228,8 @@ class DDPMProcess(NoiseProcess):
         clipped = snr.clamp(max=self.min_snr_gamma)
         return clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1)
 
-    def sampling_scheduler(self) -> DDIMScheduler:
-        return DDIMScheduler.from_config(self.scheduler_config)
+    def sampling_scheduler(self) -> DDIMScheduler | CogVideoXDDIMScheduler:
+        return self.scheduler_class.from_config(self.scheduler_config)
 
     def time_fraction(self, t: Tensor) -> Tensor:
         return t.float() / self.num_train_timesteps
@@ -316,7 +332,7 @@ class FlowMatchingProcess(NoiseProcess):
     def previous_time(self, t: Tensor, step: float | None = None) -> Tensor:
         """``s - step`` (default ``1 / num_train_timesteps``), clamped at 0 (clean).
 
-        The flow analogue of the DDPM reverse step [reconstructed]: the Gaussian chain with the flow's
+        The flow analogue of the DDPM reverse step ``[reconstructed]``: the Gaussian chain with the flow's
         marginals (``alpha_s = 1 - s``, ``sigma_s = s``), and ``p_theta(x_prev | x_s) = q(x_prev | x_s, x0_hat)``
         with ``x0_hat = x_s - s v_theta``. Its mean is ``-2 ds (v_theta - v) + O(ds^2)`` away from the true
         posterior's (the Euler step's gap, up to the factor 2 of a stochastic step) and its variance is the

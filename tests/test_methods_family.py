@@ -13,7 +13,7 @@ from conftest import random_pairs
 from lightning_pref.backbones import StableDiffusionBackbone
 from lightning_pref.cli import main as cli_main
 from lightning_pref.losses import dmpo_loss, entropy_regularized_reference, implicit_reward_margin
-from lightning_pref.methods import DMPO, SDPO, SEEDPO, SIPO, DiffusionDPO, DiffusionKTO, DPOClipMask, MaPO
+from lightning_pref.methods import DMPO, SDPO, SEEDPO, SIPO, DiffusionDPO, DiffusionKTO, DPOClipMask, MaPO, PairRandomness
 from lightning_pref.processes import FlowMatchingProcess
 from test_module import perturb_lora, trainer
 
@@ -34,9 +34,9 @@ def batch_of(num_pairs=4, size=16):
 
 def step_errors(module, batch, seed=0):
     """One step's errors, as the training step computes them."""
-    generator = torch.Generator().manual_seed(seed)
-    pairs = module.prepare_pairs(batch, generator)
-    return module.pair_errors(module.noise_pairs(pairs, generator), pairs.conditioning, batch)
+    random = PairRandomness.seeded(seed, 0, len(batch["prompt"]))
+    pairs = module.prepare_pairs(batch, random)
+    return module.pair_errors(module.noise_pairs(pairs, random), pairs.conditioning, batch)
 
 
 def lora_gradient(module, value):
@@ -140,7 +140,7 @@ def test_kto_reads_winners_as_desirable_and_losers_as_undesirable(sd_backbone):
     torch.testing.assert_close(metrics["undesirable_reward"], (errors.ref_l - errors.policy_l).mean())
     assert "implicit_acc" in metrics  # the shared pairwise metrics of the pairs it read
     with pytest.raises(NotImplementedError, match="unpaired batch"):
-        module.prepare_pairs({"pixels": torch.zeros(2, 3, 16, 16), "label": torch.ones(2), "prompt": ["a", "b"]}, torch.Generator())
+        module.prepare_pairs({"pixels": torch.zeros(2, 3, 16, 16), "label": torch.ones(2), "prompt": ["a", "b"]}, PairRandomness.seeded(0, 0, 2))
 
 
 def test_kto_reference_point_is_averaged_across_ranks(sd_backbone, monkeypatch):

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 from conftest import random_pairs
 from lightning_pref.backbones import StableDiffusionBackbone
 from lightning_pref.methods import DiffusionDPO
-from lightning_pref.methods.base import PreferenceDiffusionModule, PreferencePairs
+from lightning_pref.methods.base import PairRandomness, PreferenceDiffusionModule, PreferencePairs
 
 
 def trainer(tmp_path, steps, **kwargs):
@@ -40,7 +40,7 @@ def perturb_lora(module):
 def test_winner_and_loser_share_timestep_and_noise(sd_backbone):
     module = DiffusionDPO(sd_backbone)
     latents = torch.randn(3, 4, 8, 8)
-    noisy = module.noise_pairs(PreferencePairs(latents, latents.clone(), {}), torch.Generator().manual_seed(0))
+    noisy = module.noise_pairs(PreferencePairs(latents, latents.clone(), {}), PairRandomness.seeded(0, 0, latents.shape[0]))
     x_w, x_l = noisy.x_t.chunk(2)
     t_w, t_l = noisy.timesteps.chunk(2)
     torch.testing.assert_close(x_w, x_l)  # equal clean latents + shared (t, eps) -> equal x_t
@@ -54,9 +54,9 @@ def test_only_trainable_parameters_receive_gradients(sd_backbone, finetune):
     if finetune == "lora":
         perturb_lora(module)
     batch = next(iter(loader()))
-    generator = torch.Generator().manual_seed(0)
-    pairs = module.prepare_pairs(batch, generator)
-    errors = module.pair_errors(module.noise_pairs(pairs, generator), pairs.conditioning, batch)
+    random = PairRandomness.seeded(0, 0, len(batch["prompt"]))
+    pairs = module.prepare_pairs(batch, random)
+    errors = module.pair_errors(module.noise_pairs(pairs, random), pairs.conditioning, batch)
     loss, _ = module.compute_loss(errors, batch)
     loss.backward()
     with_grad = {name for name, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -169,9 +169,9 @@ def test_missing_batch_field_is_a_clear_error(tmp_path, sd_backbone):
     module = DiffusionDPO(sd_backbone)
     batch = {"pixels_w": torch.zeros(2, 3, 16, 16), "prompt": ["a", "b"]}
     with pytest.raises(KeyError, match="'pixels_l'.*DataModule"):
-        module.prepare_pairs(batch, torch.Generator())
+        module.prepare_pairs(batch, PairRandomness.seeded(0, 0, 2))
     with pytest.raises(KeyError, match="no 'prompt' field"):
-        module.prepare_pairs({"pixels_w": batch["pixels_w"], "pixels_l": batch["pixels_w"]}, torch.Generator())
+        module.prepare_pairs({"pixels_w": batch["pixels_w"], "pixels_l": batch["pixels_w"]}, PairRandomness.seeded(0, 0, 2))
 
 
 def test_method_refuses_a_backbone_it_is_not_defined_for(sd_backbone):

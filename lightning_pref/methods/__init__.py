@@ -1,6 +1,6 @@
 """Preference methods: one LightningModule per method on :class:`PreferenceDiffusionModule`."""
 
-from lightning_pref.methods.base import NoisyPairs, PairErrors, PreferenceDiffusionModule, PreferencePairs
+from lightning_pref.methods.base import NoisyPairs, PairErrors, PairRandomness, PreferenceDiffusionModule, PreferencePairs
 from lightning_pref.methods.diffusion_dpo import DiffusionDPO
 from lightning_pref.methods.dmpo import DMPO
 from lightning_pref.methods.dpo_clip_mask import DPOClipMask
@@ -19,6 +19,7 @@ __all__ = [
     "MaPO",
     "NoisyPairs",
     "PairErrors",
+    "PairRandomness",
     "PreferenceDiffusionModule",
     "PreferencePairs",
     "SDPO",

@@ -55,6 +55,48 @@ from lightning_pref.losses import (
     loser_gradient_scale,
     scale_gradient,
 )
+from lightning_pref.strategies import fully_shard_blocks, shard_reference
+
+
+def batch_size_of(batch: dict[str, Any]) -> int:
+    """Pairs in a batch: the length of its first tensor field (or of its prompt list)."""
+    for value in batch.values():
+        if isinstance(value, Tensor) and value.ndim > 0:
+            return value.shape[0]
+    return len(batch["prompt"])
+
+
+class PairRandomness:
+    """The random draws of one step, one seeded stream per pair of the *global* batch.
+
+    Pair ``i`` of the global batch draws from ``torch.Generator().manual_seed(f(seed, step, i))``, whatever rank
+    it lands on: one process with a global batch of ``B`` and ``N`` processes with ``B / N`` each draw the same
+    timesteps, noise, caption dropout and VAE posterior samples, so their losses agree. A resumed run draws
+    what the uninterrupted run would have.
+    """
+
+    def __init__(self, generators: list[torch.Generator]):
+        self.generators = generators
+
+    @classmethod
+    def seeded(cls, stream: int, first_pair: int, num_pairs: int) -> "PairRandomness":
+        seeds = ((stream * 1_000_000_007 + first_pair + i) % (2**63) for i in range(num_pairs))
+        return cls([torch.Generator().manual_seed(seed) for seed in seeds])
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def uniform(self) -> Tensor:
+        """One ``U[0, 1)`` draw per pair, ``(B,)``."""
+        return torch.cat([torch.rand(1, generator=g) for g in self.generators])
+
+    def normal(self, shape: tuple[int, ...]) -> Tensor:
+        """One standard normal tensor of ``shape`` per pair, ``(B, *shape)``."""
+        return torch.stack([torch.randn(shape, generator=g) for g in self.generators])
+
+    def timesteps(self, process) -> Tensor:
+        """One process time per pair, ``(B,)``."""
+        return torch.cat([process.sample_timesteps(1, g) for g in self.generators])
 
 
 @dataclass
@@ -112,11 +154,11 @@ class PreferenceDiffusionModule(pl.LightningModule):
         caption_dropout: probability of training a pair on the empty prompt (Diffusion-DPO: 0.2).
         seed: seeds the per-step noise, so a resumed run draws what the uninterrupted run would have.
         loser_safeguard: scale the loser branch's gradient so the winner's error never rises to first order
-            (Diffusion-SDPO [code]); pairwise methods only.
+            (Diffusion-SDPO ``[code]``); pairwise methods only.
         safeguard_mu: the safeguard's margin ``mu`` in [0, 1] (0.9 in the authors' scripts).
         safeguard_scope: ``batch`` (one ``lambda`` per micro-batch, the official code) or ``pair``.
         entropy_gamma: SEE-DPO's self-entropy weight ``gamma`` (beta's units; 0 = off; ``gamma / beta`` in
-            0.05..0.5 to start) [reconstructed]; pairwise methods with a reference only.
+            0.05..0.5 to start) ``[reconstructed]``; pairwise methods with a reference only.
     """
 
     #: prediction types (``epsilon``, ``v_prediction``, ``flow``) the method is defined for; ``None``: all.
@@ -196,6 +238,7 @@ class PreferenceDiffusionModule(pl.LightningModule):
             self.denoiser.requires_grad_(True)
         # A plain attribute, not a submodule: outside the optimizer and never in a checkpoint.
         self._reference_copy: nn.Module | None = None
+        self._reference_sharded = False  # set once a sharding strategy has partitioned the copy
         if finetune == "full" and self.uses_reference:
             self._reference_copy = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
         if gradient_checkpointing:
@@ -237,9 +280,34 @@ class PreferenceDiffusionModule(pl.LightningModule):
     def _apply(self, fn, *args, **kwargs):
         # Device and dtype moves reach the unregistered reference copy too (unless it is CPU-offloaded).
         super()._apply(fn, *args, **kwargs)
-        if self._reference_copy is not None and not self.reference_offload:
+        if self._reference_copy is not None and not (self.reference_offload or self._reference_sharded):
             self._reference_copy._apply(fn, *args, **kwargs)
         return self
+
+    # ----------------------------------------------------------------------------------- sharding
+    def configure_model(self) -> None:
+        """FSDP2 (``ModelParallelStrategy``): shard the denoiser block by block; other strategies: nothing."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if isinstance(self.trainer.strategy, ModelParallelStrategy) and not self._reference_sharded:
+            fully_shard_blocks(self.denoiser, self.device_mesh["data_parallel"])
+
+    def on_fit_start(self) -> None:
+        """Partition a full fine-tune's frozen reference the way the strategy shards the policy
+        (:func:`~lightning_pref.strategies.shard_reference`): ZeRO-3 and FSDP2 never hold a whole copy per rank."""
+        if self._reference_copy is None or self._reference_sharded:
+            return
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        sharded = shard_reference(self._reference_copy, self.trainer.strategy, mesh)
+        if sharded is None:
+            return
+        if self.reference_offload:
+            raise ValueError(
+                "reference_offload=True moves the whole reference between devices, which a sharded reference "
+                f"cannot do under {type(self.trainer.strategy).__name__}: remove reference_offload and use the "
+                "strategy's parameter offload (examples/strategies/zero3_offload.yaml) instead."
+            )
+        self._reference_copy, self._reference_sharded = sharded, True
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "_reference_copy":  # keep it out of `_modules`
@@ -255,32 +323,32 @@ class PreferenceDiffusionModule(pl.LightningModule):
         return self.preference_step(batch, batch_idx, stage="val")
 
     def preference_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> Tensor:
-        generator = self.step_generator(batch_idx, stage)
-        pairs = self.prepare_pairs(batch, generator)
-        noisy = self.noise_pairs(pairs, generator)
+        random = self.step_randomness(batch, batch_idx, stage)
+        pairs = self.prepare_pairs(batch, random)
+        noisy = self.noise_pairs(pairs, random)
         errors = self.pair_errors(noisy, pairs.conditioning, batch)
         loss, metrics = self.compute_loss(self.entropy_regularized(errors), batch)
         metrics = {**metrics, **self.cross_method_metrics(errors)}
         self.log_metrics(stage, loss, metrics, batch_size=pairs.latents_w.shape[0])
         return loss
 
-    def step_generator(self, batch_idx: int, stage: str) -> torch.Generator:
-        """A CPU generator seeded by (seed, rank, step, micro-batch): resumed runs draw identical noise."""
+    def step_randomness(self, batch: dict[str, Any], batch_idx: int, stage: str) -> PairRandomness:
+        """Per-pair streams seeded by (seed, step, micro-batch, the pair's index in the global batch)."""
         if stage == "train":
             micro_batch = batch_idx % self.trainer.accumulate_grad_batches
             position = (self.global_step * 64 + micro_batch) * 2
         else:  # validation draws the same noise at every evaluation
             position = batch_idx * 2 + 1
-        seed = (self.seed * 1_000_003 + self.global_rank) * 1_000_000_007 + position
-        return torch.Generator().manual_seed(seed % (2**63))
+        num_pairs = batch_size_of(batch)
+        return PairRandomness.seeded(self.seed * 1_000_003 + position, self.global_rank * num_pairs, num_pairs)
 
-    def prepare_pairs(self, batch: dict[str, Any], generator: torch.Generator) -> PreferencePairs:
+    def prepare_pairs(self, batch: dict[str, Any], random: PairRandomness) -> PreferencePairs:
         """Clean latents of winners and losers and the (caption-dropped) prompt conditioning."""
         if "latents_w" in batch and "latents_l" in batch:
             latents_w, latents_l = batch["latents_w"], batch["latents_l"]
         elif "pixels_w" in batch and "pixels_l" in batch:
             pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])
-            latents_w, latents_l = self.backbone.encode_pixels(pixels, generator).chunk(2)
+            latents_w, latents_l = self.backbone.encode_pixels(pixels, random.generators * 2).chunk(2)
         else:
             raise KeyError(
                 f"{type(self).__name__} needs winner/loser images in the batch as 'pixels_w' and 'pixels_l' "
@@ -289,15 +357,15 @@ class PreferenceDiffusionModule(pl.LightningModule):
             )
         conditioning = self.backbone.conditioning_for(batch)
         if self.caption_dropout > 0 and self.training:
-            drop = torch.rand(latents_w.shape[0], generator=generator) < self.caption_dropout
+            drop = random.uniform() < self.caption_dropout
             conditioning = self.backbone.drop_prompts(conditioning, drop)
         return PreferencePairs(latents_w, latents_l, conditioning)
 
-    def noise_pairs(self, pairs: PreferencePairs, generator: torch.Generator) -> NoisyPairs:
+    def noise_pairs(self, pairs: PreferencePairs, random: PairRandomness) -> NoisyPairs:
         """Draw one (t, eps) per pair and noise winner and loser with it (METHODS.md, shared notation)."""
         latents_w = pairs.latents_w
-        t = self.process.sample_timesteps(latents_w.shape[0], generator)
-        noise = torch.randn(latents_w.shape, generator=generator).to(latents_w)
+        t = random.timesteps(self.process)
+        noise = random.normal(tuple(latents_w.shape[1:])).to(latents_w)
         x0 = torch.cat([latents_w, pairs.latents_l])
         t, noise = t.repeat(2).to(x0.device), noise.repeat(2, *([1] * (noise.ndim - 1)))
         return NoisyPairs(self.process.add_noise(x0, noise, t), self.process.target(x0, noise, t), t)
@@ -429,10 +497,16 @@ class PreferenceDiffusionModule(pl.LightningModule):
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return  # FSDP2's distributed checkpoint reloads the whole module, sharded: keep every key
         keep = self.trained_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" not in checkpoint:  # DeepSpeed restores the weights through its engine
+            return
         missing = self.trained_state_keys() - set(checkpoint["state_dict"])
         if missing:
             raise KeyError(

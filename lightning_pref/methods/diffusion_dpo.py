@@ -11,7 +11,7 @@ from lightning_pref.methods.base import PairErrors, PreferenceDiffusionModule
 
 
 class DiffusionDPO(PreferenceDiffusionModule):
-    """Diffusion-DPO [paper][code]: ``L = -log sigmoid(-(beta/2) (D_theta - D_ref))`` (Eq. 14).
+    """Diffusion-DPO ``[paper]`` ``[code]``: ``L = -log sigmoid(-(beta/2) (D_theta - D_ref))`` (Eq. 14).
 
     Args:
         loss_type: ``sigmoid`` (the paper), ``hinge`` or ``ipo`` on the same implicit reward margin.

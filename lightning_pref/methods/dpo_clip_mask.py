@@ -1,6 +1,6 @@
 """DPO-C&M: Diffusion-DPO on the timesteps where the model's reverse step is trustworthy.
 
-Yang, Tan, Wang, Zhou, Li, arXiv 2505.21893 (the "SDPO"/"SIPO" paper) [secondary][reconstructed]: no code
+Yang, Tan, Wang, Zhou, Li, arXiv 2505.21893 (the "SDPO"/"SIPO" paper) [secondary]``[reconstructed]``: no code
 was obtainable; METHODS.md section 2 records the confirmed facts and the reconstruction implemented here.
 """
 
@@ -16,7 +16,7 @@ from lightning_pref.methods.importance import ImportanceWeightedModule
 
 
 class DPOClipMask(ImportanceWeightedModule):
-    """DPO-C&M [secondary][reconstructed]. Per step:
+    """DPO-C&M [secondary]``[reconstructed]``. Per step:
 
     1. importance weights ``w_w, w_l`` of each pair's shared timestep, from the policy's errors
        (``log w_t = -c_t * err_theta``, stop-gradient; see :class:`ImportanceWeightedModule`);
@@ -28,7 +28,7 @@ class DPOClipMask(ImportanceWeightedModule):
 
     Args:
         mask_threshold: ``tau`` (0.9; must be set: the mask is the method).
-        margin_clip: symmetric clip of ``u`` (``None``: none) [reconstructed].
+        margin_clip: symmetric clip of ``u`` (``None``: none) ``[reconstructed]``.
         **kwargs: the importance-weight options of :class:`ImportanceWeightedModule` and the options of
             :class:`~lightning_pref.methods.base.PreferenceDiffusionModule` (``beta`` in Diffusion-DPO units).
     """

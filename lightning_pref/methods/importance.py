@@ -3,7 +3,7 @@
 ``w_t = p_theta(x_prev | x_t) / q(x_prev | x_t, x0)`` -- the current model's reverse step over the forward
 posterior, *not* policy over reference -- computed in closed form by
 :meth:`~lightning_pref.processes.NoiseProcess.log_importance_weight` from the policy's (detached) error,
-for DDPM epsilon- and v-prediction and for flow matching alike. [reconstructed]: every choice below is an
+for DDPM epsilon- and v-prediction and for flow matching alike. ``[reconstructed]``: every choice below is an
 option.
 """
 
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from lightning_pref.losses import check_importance_options, importance_mask, timestep_bucket_means
-from lightning_pref.methods.base import NoisyPairs, PairErrors, PreferenceDiffusionModule, PreferencePairs
+from lightning_pref.methods.base import NoisyPairs, PairErrors, PairRandomness, PreferenceDiffusionModule, PreferencePairs
 
 
 class ImportanceWeightedModule(PreferenceDiffusionModule):
@@ -53,12 +53,13 @@ class ImportanceWeightedModule(PreferenceDiffusionModule):
         self.importance_step = importance_step
         # Set by each step's noising: what the weights need besides the errors.
         self._elements_per_sample: int | None = None
-        self._weight_generator: torch.Generator | None = None
+        self._weight_noise: Tensor | None = None
 
-    def noise_pairs(self, pairs: PreferencePairs, generator: torch.Generator) -> NoisyPairs:
-        noisy = super().noise_pairs(pairs, generator)
+    def noise_pairs(self, pairs: PreferencePairs, random: PairRandomness) -> NoisyPairs:
+        noisy = super().noise_pairs(pairs, random)
         self._elements_per_sample = noisy.x_t[0].numel()  # what a `sum` KL sums over
-        self._weight_generator = generator  # the `sampled` estimator continues the step's seeded stream
+        if self.weight_estimator == "sampled":  # one standard normal per sample, from each pair's stream
+            self._weight_noise = random.normal((2,)).T.flatten().double()
         return noisy
 
     def importance_weights(self, errors: PairErrors) -> tuple[Tensor, Tensor]:
@@ -72,7 +73,7 @@ class ImportanceWeightedModule(PreferenceDiffusionModule):
                 raise RuntimeError("kl_reduction='sum' needs the latent size: call noise_pairs() before compute_loss().")
             squared_error = squared_error * self._elements_per_sample
         log_weight = self.process.log_importance_weight(
-            t, squared_error, self.weight_estimator, self.importance_step, self._weight_generator
+            t, squared_error, self.weight_estimator, self.importance_step, self._weight_noise
         )
         return log_weight.exp().chunk(2)
 

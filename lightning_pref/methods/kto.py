@@ -1,6 +1,6 @@
 """Diffusion-KTO: alignment from per-sample good/bad labels, no pairs needed.
 
-Li et al., "Aligning Diffusion Models by Optimizing Human Utility", arXiv 2404.04465 [code],
+Li et al., "Aligning Diffusion Models by Optimizing Human Utility", arXiv 2404.04465 ``[code]``,
 METHODS.md "Beyond the seeds".
 """
 
@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_pref.losses import implicit_reward_margin, kto_loss, pairwise_metrics
-from lightning_pref.methods.base import PairErrors, PreferenceDiffusionModule, PreferencePairs
+from lightning_pref.methods.base import PairErrors, PairRandomness, PreferenceDiffusionModule, PreferencePairs
 
 
 def mean_across_ranks(value: Tensor) -> Tensor:
@@ -26,7 +26,7 @@ def mean_across_ranks(value: Tensor) -> Tensor:
 
 
 class DiffusionKTO(PreferenceDiffusionModule):
-    """Diffusion-KTO [code]. Per step, for samples with labels ``y`` (desirable or not):
+    """Diffusion-KTO ``[code]``. Per step, for samples with labels ``y`` (desirable or not):
 
     1. the implicit reward ``g = err_ref - err_theta`` of each sample;
     2. the reference point ``z = clamp(mean(g), 0)``, detached and averaged over all ranks;
@@ -62,14 +62,14 @@ class DiffusionKTO(PreferenceDiffusionModule):
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight
 
-    def prepare_pairs(self, batch: dict[str, Any], generator: torch.Generator) -> PreferencePairs:
+    def prepare_pairs(self, batch: dict[str, Any], random: PairRandomness) -> PreferencePairs:
         if "label" in batch and not {"pixels_w", "latents_w"} & set(batch):
             raise NotImplementedError(
                 "DiffusionKTO got an unpaired batch ('label' without 'pixels_w'/'latents_w', e.g. from "
                 "UnpairedDataModule); it reads preference pairs as two labelled samples (winner desirable, loser "
                 "undesirable): train it on PreferenceDataModule."
             )
-        return super().prepare_pairs(batch, generator)
+        return super().prepare_pairs(batch, random)
 
     def compute_loss(self, errors: PairErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         policy = torch.cat([errors.policy_w, errors.policy_l])

@@ -15,7 +15,7 @@ from lightning_pref.methods.base import PairErrors, PreferenceDiffusionModule
 
 
 class MaPO(PreferenceDiffusionModule):
-    """MaPO [code]. Per step, one policy forward over ``[winners; losers]`` and nothing else:
+    """MaPO ``[code]``. Per step, one policy forward over ``[winners; losers]`` and nothing else:
 
     ``L = mean(err_theta(w)) - beta * mean(log sigmoid(T (f(err_theta(w)) - f(err_theta(l)))))``,
     ``f(e) = s e / (exp(s e) - 1)``.

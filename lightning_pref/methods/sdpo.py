@@ -1,7 +1,7 @@
 """SDPO / SIPO: importance-sampled Diffusion-DPO.
 
 Yang, Tan, Wang, Zhou, Li, arXiv 2505.21893 ("SDPO: Importance-Sampled DPO" in v1, "SIPO: Stabilized and
-Improved Preference Optimization" in v3) [secondary][reconstructed]: no code was obtainable; METHODS.md
+Improved Preference Optimization" in v3) [secondary]``[reconstructed]``: no code was obtainable; METHODS.md
 section 2 records the confirmed facts and the reconstruction implemented here. Not to be confused with the
 unrelated Diffusion-SDPO (arXiv 2511.03317), which is this library's ``loser_safeguard`` option.
 """
@@ -18,7 +18,7 @@ from lightning_pref.methods.importance import ImportanceWeightedModule
 
 
 class SDPO(ImportanceWeightedModule):
-    """SDPO / SIPO [secondary][reconstructed]. Per step:
+    """SDPO / SIPO [secondary]``[reconstructed]``. Per step:
 
     1. importance weights ``w_w, w_l`` of each pair's shared timestep (stop-gradient; see
        :class:`ImportanceWeightedModule`), clipped: ``wc = clip(w, 1 - eps, 1 + eps)``;

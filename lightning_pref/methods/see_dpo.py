@@ -1,6 +1,6 @@
 """SEE-DPO: Diffusion-DPO with a self-entropy bonus, which flattens the reference.
 
-Shekhar, Singh, Zhang, TMLR 2025, arXiv 2411.04712 [secondary][reconstructed], METHODS.md section 7.
+Shekhar, Singh, Zhang, TMLR 2025, arXiv 2411.04712 [secondary]``[reconstructed]``, METHODS.md section 7.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from lightning_pref.methods.diffusion_dpo import DiffusionDPO
 
 
 class SEEDPO(DiffusionDPO):
-    """SEE-DPO [secondary][reconstructed]: maximise ``E[r] - beta KL(p || p_ref) + gamma H(p)``.
+    """SEE-DPO [secondary]``[reconstructed]``: maximise ``E[r] - beta KL(p || p_ref) + gamma H(p)``.
 
     In Diffusion-DPO form the margin becomes ``u_SEE = -(1/2) [(beta + gamma) D_theta - beta D_ref]
     = u - (gamma/2) D_theta``: the optimum is the reference flattened by ``beta / (beta + gamma)``, tilted by

@@ -1,0 +1,150 @@
+"""Sharded training: DeepSpeed ZeRO-2/3 and FSDP2, with the frozen reference model handled deliberately.
+
+The trained weights are sharded by the strategy, as usual. The frozen *reference* of a full fine-tune is the
+part that silently costs a whole extra model per GPU if nobody takes care of it (it is not a submodule, so no
+strategy sees it). :func:`shard_reference` decides what happens to it under each strategy:
+
+* DDP and ZeRO-2: replicated, as every weight is (``reference_offload=True`` moves it to the CPU instead);
+* ZeRO-3: partitioned across ranks by a second, optimizer-free DeepSpeed engine with the same ZeRO-3 settings
+  (parameter offload included), so each rank holds ``1/N`` of it;
+* FSDP2: sharded with ``fully_shard`` like the policy, and all-gathered per block during its forward.
+
+With LoRA there is no copy: the reference is the sharded policy with its adapters disabled.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lightning.pytorch.accelerators import CUDAAccelerator
+from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+
+class DeepSpeedStrategy(LightningDeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy, which also runs on CPU processes (gloo), and saves trained weights only.
+
+    On GPUs it is Lightning's ``DeepSpeedStrategy`` unchanged. On CPU (tests, this project's CI) it skips the two
+    CUDA-only checks and tells DeepSpeed which rank owns which process. ``exclude_frozen_parameters`` defaults
+    to ``True``: frozen encoders, VAE and the LoRA base reload from the backbone, so checkpoints hold what was
+    trained. The presets in ``examples/strategies/`` set ``stage`` and the offload switches::
+
+        lightning-pref fit --config examples/sd15_diffusion_dpo.yaml --config examples/strategies/zero3.yaml
+    """
+
+    def __init__(self, *args: Any, exclude_frozen_parameters: bool = True, **kwargs: Any):
+        super().__init__(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+
+    @property
+    def on_cpu(self) -> bool:
+        return not isinstance(self.accelerator, CUDAAccelerator)
+
+    def setup_environment(self) -> None:
+        if not self.on_cpu:
+            return super().setup_environment()
+        # Lightning's check refuses anything but CUDA; the rest of the set-up is the parent's parent's.
+        super(LightningDeepSpeedStrategy, self).setup_environment()
+
+    def setup_distributed(self) -> None:
+        if not self.on_cpu:
+            return super().setup_distributed()
+        from lightning.fabric.utilities.seed import reset_seed
+
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        if self.zero_stage_3:
+            gather_frozen_encoders_whole(self.lightning_module)
+        if not self.on_cpu:
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        import deepspeed
+
+        engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, deepspeed_optimizer
+
+    def reference_engine(self, reference: nn.Module) -> nn.Module:
+        """``reference`` partitioned by an optimizer-free ZeRO-3 engine with this run's ZeRO-3 settings."""
+        import deepspeed
+
+        zero = dict(self.config["zero_optimization"])
+        zero.pop("offload_optimizer", None)  # no optimizer: only the parameter placement matters
+        config = {
+            "train_micro_batch_size_per_gpu": self.config.get("train_micro_batch_size_per_gpu", 1),
+            "zero_optimization": zero,
+            **{key: self.config[key] for key in ("bf16", "fp16") if key in self.config},
+        }
+        device_rank = self.local_rank if self.on_cpu else self.root_device.index
+        engine, *_ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=device_rank), model=reference, config=config, dist_init_required=False
+        )
+        engine.eval()  # (DeepSpeedEngine.train returns None, so no chaining)
+        return engine
+
+
+def gather_frozen_encoders_whole(module: nn.Module) -> None:
+    """Under ZeRO-3, gather each frozen encoder (text encoders, VAE) whole for its forward.
+
+    ZeRO-3 partitions every parameter of the module, and fetches a parameter only when its own submodule runs;
+    encoders that read a child's weight shape first (CLIP's position-embedding check, for one) then see an
+    empty partition. Marking each frozen part of the backbone a ZeRO-3 *leaf* fetches all its parameters at its
+    entry: 1/N of it rests on each rank, the whole encoder is resident only while it encodes. Precomputed
+    latents and embeddings (``lightning-pref data precompute``) avoid even that.
+    """
+    from deepspeed.utils import set_z3_leaf_module
+
+    backbone = getattr(module, "backbone", None)
+    for name, part in backbone.named_children() if backbone is not None else ():
+        if name != "denoiser" and not any(p.requires_grad for p in part.parameters()):
+            set_z3_leaf_module(part, True)
+
+
+def shard_reference(reference: nn.Module, strategy: Any, mesh: Any = None) -> nn.Module | None:
+    """The reference copy as ``strategy`` should hold it (see the module docstring), or ``None`` when the
+    strategy does not shard parameters and the plain copy stays as it is."""
+    if isinstance(strategy, LightningDeepSpeedStrategy) and strategy.zero_stage_3:
+        if not isinstance(strategy, DeepSpeedStrategy):
+            raise TypeError(
+                "Under ZeRO-3 the frozen reference must be partitioned too: use "
+                "lightning_pref.strategies.DeepSpeedStrategy (class_path) instead of Lightning's DeepSpeedStrategy."
+            )
+        return strategy.reference_engine(reference)
+    if isinstance(strategy, ModelParallelStrategy):
+        return fully_shard_blocks(reference, mesh)
+    return None
+
+
+def fully_shard_blocks(denoiser: nn.Module, mesh: Any) -> nn.Module:
+    """FSDP2: shard each transformer / UNet block of ``denoiser`` on its own, then the rest at the root.
+
+    Per-block units keep only one block's full weights gathered at a time during forward and backward.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    for block in transformer_blocks(denoiser):
+        fully_shard(block, mesh=mesh)
+    fully_shard(denoiser, mesh=mesh)
+    return denoiser
+
+
+def transformer_blocks(denoiser: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a diffusers denoiser: ``transformer_blocks`` / ``blocks`` (DiT, CogVideoX, Wan,
+    SD3, FLUX's ``single_transformer_blocks`` too) or a UNet's down / mid / up blocks."""
+    blocks: list[nn.Module] = []
+    for name in ("transformer_blocks", "single_transformer_blocks", "blocks", "down_blocks", "up_blocks"):
+        blocks.extend(getattr(denoiser, name, None) or [])
+    if getattr(denoiser, "mid_block", None) is not None:
+        blocks.append(denoiser.mid_block)
+    return blocks
+

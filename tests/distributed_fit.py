@@ -1,0 +1,155 @@
+"""Run by tests/test_strategies.py as a script: Lightning's launchers re-execute it for every rank.
+
+    python distributed_fit.py PIPELINE OUT_DIR --strategy {single,ddp,zero2,zero3,fsdp2} --finetune {lora,full}
+        [--devices N] [--nodes N] [--steps N] [--resume CHECKPOINT]
+
+Fits Diffusion-DPO on a tiny pixel-space pipeline with the same global batch of 4 pairs at every step (so a
+resumed run sees what the uninterrupted one saw), split evenly across processes (rank r trains pairs
+[r * 4/W, (r+1) * 4/W)), saves a checkpoint every 2 steps, and writes per rank ``rank{r}.json``: the loss of
+every step, how many elements of the reference this rank holds (and of how many), and whether the
+reference's prediction stayed fixed; rank 0 also writes the final denoiser weights, gathered from their
+shards, to ``final_denoiser.safetensors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import deepspeed
+import deepspeed.ops
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from lightning_pref.backbones import StableDiffusionBackbone
+from lightning_pref.methods import DiffusionDPO
+from lightning_pref.strategies import DeepSpeedStrategy
+
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip compiling the shared-memory comm op
+GLOBAL_BATCH = 4
+
+
+def global_batch() -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    prompts = ["a red cat", "a blue dog", "a green circle", "a square"]
+    return [
+        {
+            "pixels_w": torch.rand(3, 8, 8, generator=generator) * 2 - 1,
+            "pixels_l": torch.rand(3, 8, 8, generator=generator) * 2 - 1,
+            "prompt": prompt,
+        }
+        for prompt in prompts
+    ]
+
+
+class RankSlice(pl.LightningDataModule):
+    """Each rank's contiguous share of the global batch, once per step."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps = steps
+
+    def train_dataloader(self):
+        per_rank = GLOBAL_BATCH // self.trainer.world_size
+        mine = global_batch()[self.trainer.global_rank * per_rank :][:per_rank]
+        return DataLoader(mine * self.steps, batch_size=per_rank)
+
+
+class Record(pl.Callback):
+    def __init__(self, out_dir: Path):
+        self.out_dir, self.losses = out_dir, {}
+
+    def reference_output(self, module) -> torch.Tensor:
+        x = torch.linspace(-1, 1, 2 * 3 * 8 * 8).reshape(2, 3, 8, 8)
+        conditioning = module.backbone.encode_prompts(["a red cat", "a square"])
+        with torch.no_grad():
+            return module.reference_prediction(x, torch.tensor([500, 500]), conditioning).float()
+
+    def on_train_start(self, trainer, module):
+        self.reference_before = self.reference_output(module)
+        reference = module._reference_copy if module._reference_copy is not None else module.denoiser
+        self.reference_local = sum(local_numel(p) for p in reference.parameters())
+        self.reference_total = sum(full_numel(p) for p in reference.parameters())
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses[trainer.global_step] = outputs["loss"].item()
+
+    def on_train_end(self, trainer, module):
+        record = {
+            "losses": self.losses,
+            "reference_local": self.reference_local,
+            "reference_total": self.reference_total,
+            "reference_change": (self.reference_output(module) - self.reference_before).abs().max().item(),
+            "reference_sharded": module._reference_sharded,
+        }
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+        state = gathered_state(module.denoiser, trainer.strategy)
+        if trainer.global_rank == 0:
+            save_file(state, self.out_dir / "final_denoiser.safetensors")
+
+
+def gathered_state(denoiser: torch.nn.Module, strategy) -> dict[str, torch.Tensor]:
+    """The denoiser's whole state dict on every rank (a collective under ZeRO-3 and FSDP2)."""
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        with deepspeed.zero.GatheredParameters(list(denoiser.parameters())):
+            return {key: value.detach().clone() for key, value in denoiser.state_dict().items()}
+    state = denoiser.state_dict()
+    return {key: (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone() for key, value in state.items()}
+
+
+def local_numel(param: torch.Tensor) -> int:
+    if hasattr(param, "ds_tensor"):  # ZeRO-3 partition
+        return param.ds_tensor.numel()
+    if hasattr(param, "to_local"):  # FSDP2 DTensor shard
+        return param.to_local().numel()
+    return param.numel()
+
+
+def full_numel(param: torch.Tensor) -> int:
+    return param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+
+
+def strategy_for(name: str, processes: int):
+    if name == "fsdp2":  # one data-parallel mesh over every process of every node
+        return ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1)
+    return {"single": "auto", "ddp": DDPStrategy(), "zero2": DeepSpeedStrategy(stage=2), "zero3": DeepSpeedStrategy(stage=3)}[name]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("pipeline")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--strategy", default="single")
+    parser.add_argument("--finetune", default="full")
+    parser.add_argument("--devices", type=int, default=1)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--resume", default=None)
+    args = parser.parse_args()
+    module = DiffusionDPO(StableDiffusionBackbone(args.pipeline), beta=500.0, finetune=args.finetune, lr=1e-4, seed=7)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        num_nodes=args.nodes,
+        strategy=strategy_for(args.strategy, args.devices * args.nodes),
+        max_steps=args.steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        default_root_dir=args.out_dir,
+        callbacks=[
+            Record(args.out_dir),
+            ModelCheckpoint(args.out_dir / "checkpoints", filename="{step}", every_n_train_steps=2, save_top_k=-1),
+        ],
+    )
+    trainer.fit(module, datamodule=RankSlice(args.steps), ckpt_path=args.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""DDP, DeepSpeed ZeRO-2/3 and FSDP2 on two CPU processes (gloo), and a simulated two-node run.
+
+Each run is ``tests/distributed_fit.py`` in subprocesses (Lightning's launchers re-execute the script for
+every rank). The same global batch of 4 pairs is split across processes, and every pair draws its noise from
+its own seeded stream, so the mean loss over ranks must equal the single-process loss at every step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
+
+from lightning_pref.backbones.tiny import write_tiny_sd_pipeline
+from lightning_pref.export import export
+from test_cli import tiny_config, write_config
+
+SCRIPT = Path(__file__).with_name("distributed_fit.py")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fit(pipeline: Path, out: Path, strategy: str, finetune: str, devices: int = 1, nodes: int = 1, resume: Path | None = None):
+    """Run the script (one launch per node) and return the per-rank records, rank 0 first."""
+    out.mkdir(parents=True)
+    command = [sys.executable, str(SCRIPT), str(pipeline), str(out), "--strategy", strategy, "--finetune", finetune,
+               "--devices", str(devices), "--nodes", str(nodes)]
+    if resume is not None:
+        command += ["--resume", str(resume)]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    launches = [
+        subprocess.Popen(command, env={**env, "NODE_RANK": str(node)}, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in range(nodes)
+    ]
+    for launch in launches:
+        output, _ = launch.communicate(timeout=300)
+        assert launch.returncode == 0, output[-4000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(devices * nodes)]
+
+
+def write_run_config(pipeline: Path, directory: Path, finetune: str) -> Path:
+    """The model section of a config equivalent to the script's module."""
+    backbone = {"class_path": "lightning_pref.backbones.StableDiffusionBackbone", "init_args": {"pretrained": str(pipeline)}}
+    model = {"class_path": "lightning_pref.methods.DiffusionDPO",
+             "init_args": {"backbone": backbone, "beta": 500.0, "finetune": finetune, "lr": 1e-4, "seed": 7}}
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump({"model": model}))
+    return path
+
+
+def mean_losses(records: list[dict]) -> dict[str, float]:
+    """The global-batch loss of each step: the mean of the ranks' losses (equal per-rank batches)."""
+    return {step: sum(r["losses"][step] for r in records) / len(records) for step in records[0]["losses"]}
+
+
+def assert_same_losses(actual: dict[str, float], expected: dict[str, float]) -> None:
+    assert actual.keys() <= expected.keys()
+    for step, loss in actual.items():
+        assert loss == pytest.approx(expected[step], rel=1e-4, abs=1e-5), (step, actual, expected)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    return write_tiny_sd_pipeline(tmp_path_factory.mktemp("pipe"), pixel_space=True)
+
+
+@pytest.fixture(scope="module")
+def single_process(pipeline, tmp_path_factory):
+    """The single-process runs every multi-process run must reproduce, per fine-tuning mode."""
+    root = tmp_path_factory.mktemp("single")
+    return {finetune: mean_losses(fit(pipeline, root / finetune, "single", finetune)) for finetune in ("full", "lora")}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp2"])
+def test_two_processes_match_one_save_and_resume(pipeline, single_process, tmp_path, strategy):
+    records = fit(pipeline, tmp_path / "run", strategy, "full", devices=2)
+    assert_same_losses(mean_losses(records), single_process["full"])
+    losses = mean_losses(records)
+    assert losses["4"] != losses["1"]  # it trained
+    for record in records:
+        assert record["reference_change"] == 0.0  # the frozen reference never moved
+        if strategy in ("zero3", "fsdp2"):  # partitioned, not silently replicated
+            assert record["reference_sharded"]
+            assert record["reference_local"] < 0.6 * record["reference_total"]
+        else:
+            assert record["reference_local"] == record["reference_total"]
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    resumed = fit(pipeline, tmp_path / "resumed", strategy, "full", devices=2, resume=checkpoints / "step=2.ckpt")
+    assert list(mean_losses(resumed)) == ["3", "4"]  # continues at step 3...
+    assert_same_losses(mean_losses(resumed), losses)  # ...exactly where the uninterrupted run went
+
+    # The last checkpoint, consolidated into a diffusers UNet, holds exactly the weights training ended with.
+    exported = export(write_run_config(pipeline, tmp_path, "full"), checkpoints / "step=4.ckpt", tmp_path / "exported")
+    final = load_file(tmp_path / "run" / "final_denoiser.safetensors")
+    unet = UNet2DConditionModel.from_pretrained(exported / "unet")
+    assert unet.state_dict().keys() == final.keys()
+    for key, value in unet.state_dict().items():
+        torch.testing.assert_close(value, final[key], rtol=0, atol=0)
+    assert (exported / "model_index.json").exists() and (exported / "text_encoder").is_dir()  # a whole pipeline
+
+
+@pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
+def test_lora_reference_is_the_sharded_policy_without_adapters(pipeline, single_process, tmp_path, strategy):
+    records = fit(pipeline, tmp_path / "run", strategy, "lora", devices=2)
+    assert_same_losses(mean_losses(records), single_process["lora"])
+    assert all(record["reference_change"] == 0.0 and not record["reference_sharded"] for record in records)
+
+
+def test_two_simulated_nodes_match_one_process(pipeline, single_process, tmp_path):
+    records = fit(pipeline, tmp_path / "run", "ddp", "full", devices=1, nodes=2)
+    assert_same_losses(mean_losses(records), single_process["full"])
+
+
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "examples" / "strategies").glob("*.yaml"))
+
+
+def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT.with_name("cli_entry.py")), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_every_strategy_preset_composes_with_a_run_config(tiny_sd, tiny_shards, tmp_path):
+    config = write_config(tiny_config(tiny_sd, tiny_shards, tmp_path), tmp_path)
+    assert {preset.stem for preset in PRESETS} >= {"ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp2"}
+    for preset in PRESETS:
+        result = cli(["fit", "--config", str(config), "--config", str(preset), "--print_config"], tmp_path)
+        assert result.returncode == 0, (preset.name, result.stderr[-2000:])
+        printed = result.stdout[result.stdout.index("seed_everything"):]  # after DeepSpeed's start-up log lines
+        strategy, wanted = yaml.safe_load(printed)["trainer"]["strategy"], yaml.safe_load(preset.read_text())["trainer"]["strategy"]
+        if isinstance(wanted, str):
+            assert strategy == wanted
+        else:  # the printed config spells out every default besides the preset's choices
+            assert strategy["class_path"] == wanted["class_path"]
+            assert strategy["init_args"].items() >= wanted["init_args"].items()
+
+
+def test_zero2_preset_fits_on_two_processes_through_the_cli(tiny_sd, tiny_shards, tmp_path):
+    config = write_config(tiny_config(tiny_sd, tiny_shards, tmp_path), tmp_path)
+    preset = [p for p in PRESETS if p.stem == "zero2"][0]
+    result = cli(["fit", "--config", str(config), "--config", str(preset), "--trainer.devices", "2",
+                  "--trainer.precision", "32", "--trainer.enable_checkpointing", "true"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = list(tmp_path.rglob("*.ckpt"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "latest").exists()  # a DeepSpeed checkpoint directory
