@@ -1,6 +1,18 @@
 """Model families behind one interface (:class:`Backbone`)."""
 
 from lightning_pref.backbones.base import Backbone, Conditioning, concat_conditioning
+from lightning_pref.backbones.cogvideox import CogVideoXBackbone
+from lightning_pref.backbones.sd3 import StableDiffusion3Backbone
 from lightning_pref.backbones.stable_diffusion import StableDiffusionBackbone, StableDiffusionXLBackbone
+from lightning_pref.backbones.wan import WanBackbone
 
-__all__ = ["Backbone", "Conditioning", "StableDiffusionBackbone", "StableDiffusionXLBackbone", "concat_conditioning"]
+__all__ = [
+    "Backbone",
+    "CogVideoXBackbone",
+    "Conditioning",
+    "StableDiffusion3Backbone",
+    "StableDiffusionBackbone",
+    "StableDiffusionXLBackbone",
+    "WanBackbone",
+    "concat_conditioning",
+]

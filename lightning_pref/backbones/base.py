@@ -122,9 +122,11 @@ class Backbone(nn.Module):
             conditioning = concat_conditioning([{**conditioning, **empty}, conditioning])
         if initial_noise is None:
             initial_noise = torch.randn(self.latent_shape(len(prompts)), generator=generator)
-        latents = initial_noise.to(device) * scheduler.init_noise_sigma
+        # FlowMatchEulerDiscreteScheduler has neither: its initial noise has unit scale, its inputs no rescaling.
+        latents = initial_noise.to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
+        scale_model_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
         for t in scheduler.timesteps:
-            model_input = scheduler.scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+            model_input = scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
             timesteps = t.expand(model_input.shape[0]).to(device)
             prediction = self.predict(denoiser, model_input, timesteps, conditioning).float()
             if guided:

@@ -44,7 +44,55 @@ def _frozen(module: nn.Module) -> nn.Module:
     return module.requires_grad_(False).eval()
 
 
-class StableDiffusionBackbone(Backbone):
+class ImagePipelineMixin:
+    """What the image backbones (SD1.5, SDXL, SD3) share: square latents at the denoiser's ``sample_size``,
+    an optional ``AutoencoderKL`` between pixels and latents, and fixed-length tokenization.
+
+    Latents are ``(z - shift_factor) * scaling_factor`` of the VAE's posterior ``z``; ``shift_factor`` is
+    SD3's (Esser et al. 2024) and absent (0) for SD1.5 and SDXL. Without a VAE, latents are the pixels.
+    """
+
+    vae: AutoencoderKL | None
+    denoiser: nn.Module
+    device: torch.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
+        size = self.denoiser.config.sample_size
+        return (batch_size, self.denoiser.config.in_channels, size, size)
+
+    def tokenize(self, tokenizer: Any, prompts: list[str], max_length: int | None = None) -> Tensor:
+        """Token ids padded (or truncated) to ``max_length``, by default the tokenizer's ``model_max_length``."""
+        return tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=max_length or tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        if self.vae is None:
+            return pixels
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        latents = posterior.sample(generator) if generator is not None else posterior.mode()
+        shift = self.vae.config.shift_factor or 0.0
+        return (latents - shift) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        if self.vae is None:
+            return latents
+        shift = self.vae.config.shift_factor or 0.0
+        latents = latents / self.vae.config.scaling_factor + shift
+        return self.vae.decode(latents.to(self.vae.dtype)).sample
+
+
+class StableDiffusionBackbone(ImagePipelineMixin, Backbone):
     """SD1.5-style pipeline: one CLIP text encoder (last hidden state), DDPM epsilon or v prediction.
 
     Args:
@@ -85,40 +133,10 @@ class StableDiffusionBackbone(Backbone):
             CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", revision=revision, variant=variant)
         )
 
-    @property
-    def vae_scale_factor(self) -> int:
-        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
-        size = self.denoiser.config.sample_size
-        return (batch_size, self.denoiser.config.in_channels, size, size)
-
-    def tokenize(self, tokenizer: Any, prompts: list[str]) -> Tensor:
-        return tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         hidden = self.text_encoder(self.tokenize(self.tokenizer, prompts))[0]
         return {"encoder_hidden_states": hidden}
-
-    @torch.no_grad()
-    def encode_pixels(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        if self.vae is None:
-            return pixels
-        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        latents = posterior.sample(generator) if generator is not None else posterior.mode()
-        shift = self.vae.config.shift_factor or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        if self.vae is None:
-            return latents
-        shift = self.vae.config.shift_factor or 0.0
-        latents = latents / self.vae.config.scaling_factor + shift
-        return self.vae.decode(latents.to(self.vae.dtype)).sample
 
     def predict(self, denoiser: nn.Module, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor:
         return denoiser(x_t, timesteps, encoder_hidden_states=conditioning["encoder_hidden_states"], return_dict=False)[0]

@@ -1,18 +1,25 @@
 """Tiny pipelines built from configs, offline, in well under a second.
 
 Tests, the quickstart and the toy world never download weights: they write a complete diffusers-style
-pipeline directory (``model_index.json``, ``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and
-optionally ``vae/``) and load it back through the same ``from_pretrained`` path a real checkpoint takes.
+pipeline directory (``model_index.json``, the denoiser's ``unet/`` or ``transformer/``, text encoders and
+tokenizers, ``scheduler/`` and optionally ``vae/``) and load it back through the same ``from_pretrained``
+path a real checkpoint takes.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -103,6 +110,30 @@ def tiny_t5_encoder(vocab_size: int, hidden_size: int = 32, umt5: bool = False) 
     return T5EncoderModel(T5Config(**options))
 
 
+def write_tiny_vae(path: Path, sample_size: int, latent_channels: int = 4, **config: Any) -> None:
+    """A tiny ``AutoencoderKL`` with one down-sampling block: ``sample_size`` latents, ``2 * sample_size`` pixels.
+
+    ``config`` adds keys of the VAE's config, e.g. SD3's ``shift_factor`` and ``scaling_factor``.
+    """
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+        sample_size=2 * sample_size,
+        **config,
+    ).save_pretrained(path)
+
+
+def write_model_index(path: Path, pipeline_class: str, components: dict[str, list[str | None]]) -> None:
+    """The pipeline's ``model_index.json``: its class and, per component, ``[library, class]`` (or nulls)."""
+    index = {"_class_name": pipeline_class, "_diffusers_version": "0.42.1", **components}
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
 def write_tiny_sd_pipeline(
     path: str | Path,
     *,
@@ -165,16 +196,7 @@ def write_tiny_sd_pipeline(
         **unet_extra,
     ).save_pretrained(path / "unet")
     if not pixel_space:
-        AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(16, 32),
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            norm_num_groups=8,
-            sample_size=2 * sample_size,
-        ).save_pretrained(path / "vae")
+        write_tiny_vae(path / "vae", sample_size)
         components["vae"] = ["diffusers", "AutoencoderKL"]
     DDPMScheduler(
         num_train_timesteps=1000,
@@ -185,6 +207,75 @@ def write_tiny_sd_pipeline(
         clip_sample=False,
     ).save_pretrained(path / "scheduler")
     pipeline_class = "StableDiffusionXLPipeline" if variant == "sdxl" else "StableDiffusionPipeline"
-    index = {"_class_name": pipeline_class, "_diffusers_version": "0.42.1", **components}
-    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_model_index(path, pipeline_class, components)
+    return path
+
+
+def write_tiny_sd3_pipeline(
+    path: str | Path,
+    *,
+    with_t5: bool = True,
+    sample_size: int = 8,
+    seed: int = 0,
+    words: Iterable[str] = TINY_WORDS,
+) -> Path:
+    """Write a complete tiny SD3.5-style pipeline directory and return its path.
+
+    The parts of SD3 (Esser et al. 2024) at toy widths: CLIP-L and CLIP-G text encoders with projections
+    (widths 16 and 32 for 768 and 1280), T5 (width 64 for 4096, wider than both CLIPs together, as in SD3;
+    ``text_encoder_3: [null, null]`` when ``with_t5`` is false), a two-block MMDiT whose first block has
+    SD3.5's second attention and RMS q/k-norm, a 16-channel VAE with SD3's ``shift_factor`` and
+    ``scaling_factor``, and a ``FlowMatchEulerDiscreteScheduler`` with shift 3. Images are ``2 * sample_size``
+    pixels.
+    """
+    path = Path(path)
+    torch.manual_seed(seed)
+    clip_tokenizer = build_clip_tokenizer(words)
+    clip_widths = (16, 32)
+    t5_width = 64
+    components: dict[str, list[str | None]] = {}
+    for suffix, width in zip(("", "_2"), clip_widths):
+        clip_tokenizer.save_pretrained(path / f"tokenizer{suffix}")
+        tiny_text_encoder(len(clip_tokenizer), width, projection_dim=width).save_pretrained(path / f"text_encoder{suffix}")
+        components[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
+        components[f"text_encoder{suffix}"] = ["transformers", "CLIPTextModelWithProjection"]
+    components["tokenizer_3"] = components["text_encoder_3"] = [None, None]
+    if with_t5:
+        t5_tokenizer = build_t5_tokenizer(words)
+        t5_tokenizer.save_pretrained(path / "tokenizer_3")
+        tiny_t5_encoder(len(t5_tokenizer), t5_width).save_pretrained(path / "text_encoder_3")
+        components["tokenizer_3"] = ["transformers", "T5Tokenizer"]
+        components["text_encoder_3"] = ["transformers", "T5EncoderModel"]
+    latent_channels, heads, head_width = 16, 2, 8
+    SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        num_layers=2,
+        attention_head_dim=head_width,
+        num_attention_heads=heads,
+        joint_attention_dim=t5_width,
+        caption_projection_dim=heads * head_width,
+        pooled_projection_dim=sum(clip_widths),
+        pos_embed_max_size=sample_size,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    ).save_pretrained(path / "transformer")
+    write_tiny_vae(
+        path / "vae",
+        sample_size,
+        latent_channels=latent_channels,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(path / "scheduler")
+    components.update(
+        transformer=["diffusers", "SD3Transformer2DModel"],
+        vae=["diffusers", "AutoencoderKL"],
+        scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    )
+    write_model_index(path, "StableDiffusion3Pipeline", components)
     return path

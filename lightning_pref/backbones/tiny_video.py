@@ -1,0 +1,150 @@
+"""Tiny CogVideoX and Wan2.1 pipelines built from configs, offline, for tests and examples.
+
+Each writer saves a complete diffusers pipeline directory (``model_index.json``, ``tokenizer/``,
+``text_encoder/``, ``transformer/``, ``vae/``, ``scheduler/``) that loads through the backbones'
+``from_pretrained`` path, and through diffusers' own ``CogVideoXPipeline`` / ``WanPipeline``.
+
+Both VAEs compress 2x in time and space: videos of ``1 + 2k`` frames of ``16 x 16`` pixels (5 frames by
+default) become ``1 + k`` latent frames of ``8 x 8``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    AutoencoderKLWan,
+    CogVideoXDDIMScheduler,
+    CogVideoXTransformer3DModel,
+    UniPCMultistepScheduler,
+    WanTransformer3DModel,
+)
+
+from lightning_pref.backbones.tiny import TINY_WORDS, build_t5_tokenizer, tiny_t5_encoder, write_model_index
+
+TEXT_WIDTH = 32  # hidden size of the tiny T5 / UMT5 encoders
+LATENT_CHANNELS = 4
+PIXEL_SIZE = 16
+NUM_FRAMES = 5  # pixel frames: 3 latent frames
+
+
+def write_text_encoder(path: Path, words: Iterable[str], max_length: int, umt5: bool) -> dict[str, list[str]]:
+    """Save a tiny T5 (or UMT5) tokenizer and encoder; return their ``model_index.json`` entries."""
+    tokenizer = build_t5_tokenizer(words, model_max_length=max_length)
+    encoder = tiny_t5_encoder(len(tokenizer), TEXT_WIDTH, umt5=umt5)
+    tokenizer.save_pretrained(path / "tokenizer")
+    encoder.save_pretrained(path / "text_encoder")
+    return {
+        "tokenizer": ["transformers", type(tokenizer).__name__],
+        "text_encoder": ["transformers", type(encoder).__name__],
+    }
+
+
+def write_tiny_cogvideox_pipeline(
+    path: str | Path,
+    *,
+    rotary: bool = True,
+    patch_size_t: int | None = None,
+    max_sequence_length: int = 16,
+    words: Iterable[str] = TINY_WORDS,
+    seed: int = 0,
+) -> Path:
+    """A tiny CogVideoX pipeline: ``rotary`` like the 5B (else sin-cos positions like the 2B), ``patch_size_t``
+    like CogVideoX1.5 (latent frames patched in pairs), ``max_sequence_length`` text tokens (226 in the real
+    ones). v-prediction with CogVideoX's shifted, zero-terminal-SNR schedule (``CogVideoXDDIMScheduler``,
+    ``snr_shift_scale=3``)."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    components = write_text_encoder(path, words, max_sequence_length, umt5=False)
+    AutoencoderKLCogVideoX(
+        block_out_channels=(8, 16),
+        down_block_types=("CogVideoXDownBlock3D",) * 2,
+        up_block_types=("CogVideoXUpBlock3D",) * 2,
+        latent_channels=LATENT_CHANNELS,
+        layers_per_block=1,
+        norm_num_groups=4,
+        temporal_compression_ratio=2,
+        sample_height=PIXEL_SIZE,
+        sample_width=PIXEL_SIZE,
+    ).save_pretrained(path / "vae")
+    CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        time_embed_dim=16,
+        text_embed_dim=TEXT_WIDTH,
+        num_layers=2,
+        sample_width=PIXEL_SIZE // 2,
+        sample_height=PIXEL_SIZE // 2,
+        sample_frames=NUM_FRAMES,
+        patch_size=2,
+        patch_size_t=patch_size_t,
+        temporal_compression_ratio=2,
+        max_text_seq_length=max_sequence_length,
+        use_rotary_positional_embeddings=rotary,
+    ).save_pretrained(path / "transformer")
+    CogVideoXDDIMScheduler(
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        snr_shift_scale=3.0,
+        timestep_spacing="trailing",
+        clip_sample=False,
+    ).save_pretrained(path / "scheduler")
+    components.update(
+        vae=["diffusers", "AutoencoderKLCogVideoX"],
+        transformer=["diffusers", "CogVideoXTransformer3DModel"],
+        scheduler=["diffusers", "CogVideoXDDIMScheduler"],
+    )
+    write_model_index(path, "CogVideoXPipeline", components)
+    return path
+
+
+def write_tiny_wan_pipeline(
+    path: str | Path,
+    *,
+    flow_shift: float = 3.0,
+    words: Iterable[str] = TINY_WORDS,
+    seed: int = 0,
+) -> Path:
+    """A tiny Wan2.1 pipeline: UMT5 encoder, ``WanTransformer3DModel``, ``AutoencoderKLWan`` with per-channel
+    latent statistics, and Wan's flow-matching ``UniPCMultistepScheduler`` config (``flow_shift``)."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    components = write_text_encoder(path, words, max_length=16, umt5=True)
+    AutoencoderKLWan(
+        base_dim=8,
+        z_dim=LATENT_CHANNELS,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[True],
+        latents_mean=[0.1, -0.2, 0.3, 0.0],
+        latents_std=[1.5, 0.5, 2.0, 1.0],
+        scale_factor_temporal=2,
+        scale_factor_spatial=2,
+    ).save_pretrained(path / "vae")
+    WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        text_dim=TEXT_WIDTH,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        rope_max_seq_len=32,
+    ).save_pretrained(path / "transformer")
+    UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift, num_train_timesteps=1000
+    ).save_pretrained(path / "scheduler")
+    components.update(
+        vae=["diffusers", "AutoencoderKLWan"],
+        transformer=["diffusers", "WanTransformer3DModel"],
+        scheduler=["diffusers", "UniPCMultistepScheduler"],
+    )
+    write_model_index(path, "WanPipeline", components)
+    return path

@@ -1,0 +1,116 @@
+"""What the text-to-video backbones (CogVideoX, Wan2.1) share.
+
+A frozen T5-family text encoder reading a fixed number of tokens per prompt, a frozen 3D VAE between
+``(B, C, F, H, W)`` pixels in [-1, 1] and latents, and a video transformer as the denoiser, all loaded from a
+hub id or a local diffusers pipeline directory. Subclasses say how latents are normalized and laid out, how
+the transformer is called, and which noise process the checkpoint was trained with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import DDPMScheduler, ModelMixin
+from torch import Tensor
+from transformers import AutoTokenizer, PreTrainedModel
+
+from lightning_pref.backbones.base import Backbone, Conditioning
+from lightning_pref.backbones.stable_diffusion import _frozen, read_model_index
+
+
+class TextToVideoBackbone(Backbone):
+    """Base class of the video backbones; loads tokenizer, text encoder, VAE and transformer.
+
+    Args:
+        pretrained: hub id or local path of a diffusers pipeline.
+        revision, variant: passed to every ``from_pretrained``.
+        max_sequence_length: tokens per prompt (prompts are padded or truncated to it).
+        vae_tiling: encode and decode in spatial tiles (less memory for large frames).
+
+    Subclasses set ``text_encoder_class``, ``vae_class``, ``denoiser_class``, ``mask_prompt_padding`` (run the
+    text encoder with the attention mask and zero the states past each prompt, as Wan2.1; else the padding is
+    encoded like any token, as CogVideoX) and implement the latent normalization, ``predict`` and ``latent_shape``.
+    After ``__init__``, ``scheduler_config`` holds the checkpoint's scheduler config.
+    """
+
+    text_encoder_class: type[PreTrainedModel]
+    vae_class: type[ModelMixin]
+    denoiser_class: type[ModelMixin]
+    mask_prompt_padding: bool
+    #: self- and cross-attention projections of the transformer blocks.
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __init__(
+        self,
+        pretrained: str,
+        revision: str | None,
+        variant: str | None,
+        max_sequence_length: int | None,
+        vae_tiling: bool,
+    ):
+        super().__init__()
+        self.pretrained = pretrained
+        index = read_model_index(pretrained, revision)
+        denoiser_config = self.denoiser_class.load_config(pretrained, subfolder="transformer", revision=revision)
+        self.check_checkpoint(index, denoiser_config)  # before loading gigabytes of weights
+        load = dict(revision=revision, variant=variant)
+        self.tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision)
+        self.text_encoder = _frozen(self.text_encoder_class.from_pretrained(pretrained, subfolder="text_encoder", **load))
+        self.vae = _frozen(self.vae_class.from_pretrained(pretrained, subfolder="vae", **load))
+        self.vae.enable_slicing()  # one video at a time through the VAE: the same latents, less memory
+        if vae_tiling:
+            self.vae.enable_tiling()
+        self.denoiser = self.denoiser_class.from_pretrained(pretrained, subfolder="transformer", **load)
+        # The raw config, `_class_name` included (any scheduler class reads it as it is).
+        self.scheduler_config = DDPMScheduler.load_config(pretrained, subfolder="scheduler", revision=revision)
+        self.max_sequence_length = max_sequence_length
+
+    def check_checkpoint(self, model_index: dict[str, Any], denoiser_config: dict[str, Any]) -> None:
+        """Refuse image-to-video checkpoints: their transformer also reads image latents (more input channels)."""
+        in_channels = denoiser_config["in_channels"]
+        if in_channels != (denoiser_config.get("out_channels") or in_channels):
+            raise ValueError(
+                f"{self.pretrained!r} is an image-to-video checkpoint ({model_index.get('_class_name')}: the "
+                f"transformer takes {in_channels} input channels for {denoiser_config['out_channels']} output "
+                f"channels, the video latents plus image latents): {type(self).__name__} trains text-to-video "
+                "models; use a text-to-video checkpoint."
+            )
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        tokens = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        ).to(self.device)
+        if not self.mask_prompt_padding:
+            return {"encoder_hidden_states": self.text_encoder(tokens.input_ids)[0]}
+        hidden = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+        return {"encoder_hidden_states": hidden * tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)}
+
+    @torch.no_grad()
+    def encode_pixels(
+        self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> Tensor:
+        """``(B, C, F, H, W)`` pixels to latents: the posterior's mode, or a sample when a generator (or one
+        per video) is given."""
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return self.normalize_latents(posterior.sample(generator) if generator is not None else posterior.mode())
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Latents to ``(B, C, F, H, W)`` pixels in [-1, 1]."""
+        return self.vae.decode(self.denormalize_latents(latents).to(self.vae.dtype)).sample
+
+    def normalize_latents(self, vae_latents: Tensor) -> Tensor:
+        """The VAE's ``(B, C, F, H, W)`` latents as the denoiser's clean latents ``x0``."""
+        raise NotImplementedError
+
+    def denormalize_latents(self, latents: Tensor) -> Tensor:
+        """The inverse of :meth:`normalize_latents`."""
+        raise NotImplementedError
