@@ -57,21 +57,22 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         self._init_deepspeed_distributed()
 
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
-        if self.zero_stage_3:
-            gather_frozen_encoders_whole(self.lightning_module)
-        if not self.on_cpu:
-            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
-        import deepspeed
+        if self.on_cpu:
+            import deepspeed
 
-        engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self.local_rank),
-            config=self.config,
-            model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            dist_init_required=False,
-        )
+            engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
+                args=argparse.Namespace(device_rank=self.local_rank),
+                config=self.config,
+                model=model,
+                model_parameters=[p for p in model.parameters() if p.requires_grad],
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                dist_init_required=False,
+            )
+        else:
+            engine, deepspeed_optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        if self.zero_stage_3:
+            keep_frozen_encoders_whole(self.lightning_module)
         return engine, deepspeed_optimizer
 
     def reference_engine(self, reference: nn.Module) -> nn.Module:
@@ -93,21 +94,23 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         return engine
 
 
-def gather_frozen_encoders_whole(module: nn.Module) -> None:
-    """Under ZeRO-3, gather each frozen encoder (text encoders, VAE) whole for its forward.
+def keep_frozen_encoders_whole(module: nn.Module) -> None:
+    """Under ZeRO-3, gather the frozen encoders (text encoders, VAE) once and keep them whole on every rank.
 
-    ZeRO-3 partitions every parameter of the module, and fetches a parameter only when its own submodule runs;
-    encoders that read a child's weight shape first (CLIP's position-embedding check, for one) then see an
-    empty partition. Marking each frozen part of the backbone a ZeRO-3 *leaf* fetches all its parameters at its
-    entry: 1/N of it rests on each rank, the whole encoder is resident only while it encodes. Precomputed
-    latents and embeddings (``lightning-pref data precompute``) avoid even that.
+    ZeRO-3 partitions every parameter of the module it wraps and gathers a parameter only while its own
+    submodule's ``forward`` runs; encoders are entered through ``encode``/``decode`` or read a child's weight
+    shape first (CLIP's position check), and would meet empty partitions. Gathered and marked persistent, they
+    are replicated, as in diffusers' training scripts; precomputed latents and embeddings
+    (``lightning-pref data precompute``) keep them out of the training process altogether.
     """
-    from deepspeed.utils import set_z3_leaf_module
-
     backbone = getattr(module, "backbone", None)
     for name, part in backbone.named_children() if backbone is not None else ():
-        if name != "denoiser" and not any(p.requires_grad for p in part.parameters()):
-            set_z3_leaf_module(part, True)
+        params = [p for p in part.parameters() if hasattr(p, "ds_id")]
+        if name == "denoiser" or not params or any(p.requires_grad for p in params):
+            continue
+        params[0].all_gather(param_list=params)
+        for param in params:
+            param.ds_persist = True
 
 
 def shard_reference(reference: nn.Module, strategy: Any, mesh: Any = None) -> nn.Module | None:

@@ -1,9 +1,9 @@
 """Run by tests/test_strategies.py as a script: Lightning's launchers re-execute it for every rank.
 
     python distributed_fit.py PIPELINE OUT_DIR --strategy {single,ddp,zero2,zero3,fsdp2} --finetune {lora,full}
-        [--devices N] [--nodes N] [--steps N] [--resume CHECKPOINT]
+        [--backbone {sd,sd3,cogvideox,wan}] [--devices N] [--nodes N] [--steps N] [--resume CHECKPOINT]
 
-Fits Diffusion-DPO on a tiny pixel-space pipeline with the same global batch of 4 pairs at every step (so a
+Fits Diffusion-DPO on a tiny pipeline (default: pixel-space SD) with the same global batch of 4 pairs at every step (so a
 resumed run sees what the uninterrupted one saw), split evenly across processes (rank r trains pairs
 [r * 4/W, (r+1) * 4/W)), saves a checkpoint every 2 steps, and writes per rank ``rank{r}.json``: the loss of
 every step, how many elements of the reference this rank holds (and of how many), and whether the
@@ -26,7 +26,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from lightning_pref.backbones import StableDiffusionBackbone
+from lightning_pref.backbones import CogVideoXBackbone, StableDiffusion3Backbone, StableDiffusionBackbone, WanBackbone
 from lightning_pref.methods import DiffusionDPO
 from lightning_pref.strategies import DeepSpeedStrategy
 
@@ -34,13 +34,21 @@ deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip compiling
 GLOBAL_BATCH = 4
 
 
-def global_batch() -> list[dict]:
+BACKBONES = {  # backbone class and the pixel shape of one image or video of its tiny pipeline
+    "sd": (StableDiffusionBackbone, (3, 8, 8)),
+    "sd3": (StableDiffusion3Backbone, (3, 16, 16)),
+    "cogvideox": (CogVideoXBackbone, (3, 5, 16, 16)),
+    "wan": (WanBackbone, (3, 5, 16, 16)),
+}
+
+
+def global_batch(pixel_shape: tuple[int, ...]) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     prompts = ["a red cat", "a blue dog", "a green circle", "a square"]
     return [
         {
-            "pixels_w": torch.rand(3, 8, 8, generator=generator) * 2 - 1,
-            "pixels_l": torch.rand(3, 8, 8, generator=generator) * 2 - 1,
+            "pixels_w": torch.rand(pixel_shape, generator=generator) * 2 - 1,
+            "pixels_l": torch.rand(pixel_shape, generator=generator) * 2 - 1,
             "prompt": prompt,
         }
         for prompt in prompts
@@ -50,25 +58,26 @@ def global_batch() -> list[dict]:
 class RankSlice(pl.LightningDataModule):
     """Each rank's contiguous share of the global batch, once per step."""
 
-    def __init__(self, steps: int):
+    def __init__(self, steps: int, pixel_shape: tuple[int, ...]):
         super().__init__()
-        self.steps = steps
+        self.steps, self.pixel_shape = steps, pixel_shape
 
     def train_dataloader(self):
         per_rank = GLOBAL_BATCH // self.trainer.world_size
-        mine = global_batch()[self.trainer.global_rank * per_rank :][:per_rank]
+        mine = global_batch(self.pixel_shape)[self.trainer.global_rank * per_rank :][:per_rank]
         return DataLoader(mine * self.steps, batch_size=per_rank)
 
 
 class Record(pl.Callback):
-    def __init__(self, out_dir: Path):
-        self.out_dir, self.losses = out_dir, {}
+    def __init__(self, out_dir: Path, pixel_shape: tuple[int, ...]):
+        self.out_dir, self.pixel_shape, self.losses = out_dir, pixel_shape, {}
 
     def reference_output(self, module) -> torch.Tensor:
-        x = torch.linspace(-1, 1, 2 * 3 * 8 * 8).reshape(2, 3, 8, 8)
+        x = module.backbone.encode_pixels(torch.stack([pair["pixels_w"] for pair in global_batch(self.pixel_shape)[:2]]))
+        timesteps = module.process.model_timesteps(module.process.sample_timesteps(2, torch.Generator().manual_seed(0)))
         conditioning = module.backbone.encode_prompts(["a red cat", "a square"])
         with torch.no_grad():
-            return module.reference_prediction(x, torch.tensor([500, 500]), conditioning).float()
+            return module.reference_prediction(x, timesteps, conditioning).float()
 
     def on_train_start(self, trainer, module):
         self.reference_before = self.reference_output(module)
@@ -126,12 +135,14 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--strategy", default="single")
     parser.add_argument("--finetune", default="full")
+    parser.add_argument("--backbone", default="sd", choices=sorted(BACKBONES))
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--resume", default=None)
     args = parser.parse_args()
-    module = DiffusionDPO(StableDiffusionBackbone(args.pipeline), beta=500.0, finetune=args.finetune, lr=1e-4, seed=7)
+    backbone_class, pixel_shape = BACKBONES[args.backbone]
+    module = DiffusionDPO(backbone_class(args.pipeline), beta=500.0, finetune=args.finetune, lr=1e-4, seed=7)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
@@ -144,11 +155,11 @@ def main() -> None:
         use_distributed_sampler=False,
         default_root_dir=args.out_dir,
         callbacks=[
-            Record(args.out_dir),
+            Record(args.out_dir, pixel_shape),
             ModelCheckpoint(args.out_dir / "checkpoints", filename="{step}", every_n_train_steps=2, save_top_k=-1),
         ],
     )
-    trainer.fit(module, datamodule=RankSlice(args.steps), ckpt_path=args.resume)
+    trainer.fit(module, datamodule=RankSlice(args.steps, pixel_shape), ckpt_path=args.resume)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import yaml
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from lightning_pref.backbones.tiny import write_tiny_sd_pipeline
+from lightning_pref.backbones.tiny import write_tiny_sd3_pipeline, write_tiny_sd_pipeline
+from lightning_pref.backbones.tiny_video import write_tiny_cogvideox_pipeline, write_tiny_wan_pipeline
 from lightning_pref.export import export
 from test_cli import tiny_config, write_config
 
@@ -33,11 +34,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def fit(pipeline: Path, out: Path, strategy: str, finetune: str, devices: int = 1, nodes: int = 1, resume: Path | None = None):
+def fit(pipeline: Path, out: Path, strategy: str, finetune: str, devices: int = 1, nodes: int = 1,
+        resume: Path | None = None, backbone: str = "sd"):
     """Run the script (one launch per node) and return the per-rank records, rank 0 first."""
     out.mkdir(parents=True)
     command = [sys.executable, str(SCRIPT), str(pipeline), str(out), "--strategy", strategy, "--finetune", finetune,
-               "--devices", str(devices), "--nodes", str(nodes)]
+               "--devices", str(devices), "--nodes", str(nodes), "--backbone", backbone]
     if resume is not None:
         command += ["--resume", str(resume)]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
@@ -118,6 +120,18 @@ def test_lora_reference_is_the_sharded_policy_without_adapters(pipeline, single_
     records = fit(pipeline, tmp_path / "run", strategy, "lora", devices=2)
     assert_same_losses(mean_losses(records), single_process["lora"])
     assert all(record["reference_change"] == 0.0 and not record["reference_sharded"] for record in records)
+
+
+@pytest.mark.parametrize(("backbone", "strategy"), [("cogvideox", "zero3"), ("wan", "fsdp2"), ("sd3", "zero3")])
+def test_video_and_flow_backbones_shard_and_match_one_process(tmp_path, backbone, strategy):
+    writer = {"cogvideox": write_tiny_cogvideox_pipeline, "wan": write_tiny_wan_pipeline, "sd3": write_tiny_sd3_pipeline}[backbone]
+    pipeline = writer(tmp_path / "pipeline")
+    single = mean_losses(fit(pipeline, tmp_path / "single", "single", "full", backbone=backbone))
+    records = fit(pipeline, tmp_path / "run", strategy, "full", devices=2, backbone=backbone)
+    assert_same_losses(mean_losses(records), single)
+    for record in records:
+        assert record["reference_sharded"] and record["reference_local"] < 0.7 * record["reference_total"]
+        assert record["reference_change"] == 0.0
 
 
 def test_two_simulated_nodes_match_one_process(pipeline, single_process, tmp_path):
