@@ -226,3 +226,13 @@ def test_adafactor_optimizer(tmp_path, sd_backbone):
     fit = trainer(tmp_path, 1)
     fit.fit(module, loader(4))
     assert type(fit.optimizers[0]).__name__ == "Adafactor"
+
+
+def test_gradient_checkpointing_follows_the_backbone_unless_set(sd_backbone, tmp_path):
+    from lightning_pref.backbones import CogVideoXBackbone
+    from lightning_pref.backbones.tiny_video import write_tiny_cogvideox_pipeline
+
+    video = CogVideoXBackbone(str(write_tiny_cogvideox_pipeline(tmp_path / "cog")))
+    assert DiffusionDPO(video).denoiser.gradient_checkpointing  # billion-parameter family: on by default
+    assert not DiffusionDPO(CogVideoXBackbone(str(tmp_path / "cog")), gradient_checkpointing=False).denoiser.gradient_checkpointing
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in DiffusionDPO(sd_backbone).denoiser.modules())

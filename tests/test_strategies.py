@@ -171,3 +171,22 @@ def test_zero2_preset_fits_on_two_processes_through_the_cli(tiny_sd, tiny_shards
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "latest").exists()  # a DeepSpeed checkpoint directory
+
+
+def test_torchrun_launch_script_runs_two_simulated_nodes(tiny_sd, tiny_shards, tmp_path):
+    config = write_config(tiny_config(tiny_sd, tiny_shards, tmp_path), tmp_path)
+    preset = [p for p in PRESETS if p.stem == "ddp"][0]
+    script = Path(__file__).resolve().parents[1] / "examples" / "launch" / "torchrun.sh"
+    env = {**os.environ, "NNODES": "2", "GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    nodes = [
+        subprocess.Popen(["bash", str(script), str(config), str(preset), "--trainer.accelerator", "cpu", "--trainer.precision", "32"],
+                         env={**env, "NODE_RANK": str(node)}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in range(2)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]  # one job of two processes, one per node
+    metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
+    assert "train/loss" in metrics.splitlines()[0] and len(metrics.splitlines()) == 3  # header + 2 steps, from rank 0

@@ -41,12 +41,15 @@ class Backbone(nn.Module):
         prompt_keys: conditioning keys derived from the prompt, replaced by the empty prompt's values
             under caption dropout and in the unconditional branch of classifier-free guidance.
         lora_target_modules: default module names LoRA adapts in this family's denoiser.
+        gradient_checkpointing_by_default: whether methods checkpoint the denoiser's activations unless told
+            otherwise (on for the billion-parameter transformers, whose activations dominate memory).
     """
 
     denoiser: nn.Module
     process: NoiseProcess
     prompt_keys: tuple[str, ...] = ("encoder_hidden_states",)
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    gradient_checkpointing_by_default: bool = False
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError

@@ -41,6 +41,7 @@ class StableDiffusion3Backbone(ImagePipelineMixin, Backbone):
     prompt_keys = ("encoder_hidden_states", "pooled_projections")
     #: the joint attention's image projections and, where a block has them, its text (context) projections.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    gradient_checkpointing_by_default = True
 
     def __init__(
         self,

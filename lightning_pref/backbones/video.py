@@ -40,6 +40,7 @@ class TextToVideoBackbone(Backbone):
     mask_prompt_padding: bool
     #: self- and cross-attention projections of the transformer blocks.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    gradient_checkpointing_by_default = True
 
     def __init__(
         self,

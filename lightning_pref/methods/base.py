@@ -145,7 +145,8 @@ class PreferenceDiffusionModule(pl.LightningModule):
         lora_rank, lora_alpha, lora_dropout: LoRA shape; ``lora_alpha`` defaults to the rank.
         lora_target_modules: module names to adapt; defaults to the backbone's attention projections.
         reference_offload: with ``finetune="full"``, keep the frozen reference on the CPU between forwards.
-        gradient_checkpointing: trade compute for activation memory in the denoiser.
+        gradient_checkpointing: trade compute for activation memory in the denoiser; ``None``: the backbone's
+            default (on for SD3 and the video transformers, off for SD1.5/SDXL).
         optimizer: ``adamw`` (SD1.5 recipe) or ``adafactor`` (SDXL recipe).
         lr: learning rate; with ``scale_lr`` it is multiplied by the pairs per optimizer step
             (per-device batch x devices x nodes x accumulation), Diffusion-DPO's ``1e-8 x 2048`` recipe.
@@ -179,7 +180,7 @@ class PreferenceDiffusionModule(pl.LightningModule):
         lora_dropout: float = 0.0,
         lora_target_modules: list[str] | None = None,
         reference_offload: bool = False,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | None = None,
         optimizer: Literal["adamw", "adafactor"] = "adamw",
         lr: float = 1e-5,
         scale_lr: bool = False,
@@ -241,7 +242,7 @@ class PreferenceDiffusionModule(pl.LightningModule):
         self._reference_sharded = False  # set once a sharding strategy has partitioned the copy
         if finetune == "full" and self.uses_reference:
             self._reference_copy = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
-        if gradient_checkpointing:
+        if backbone.gradient_checkpointing_by_default if gradient_checkpointing is None else gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
 
     # ----------------------------------------------------------------------------------------- set-up
