@@ -44,7 +44,7 @@ def tiny_cogvideox_15(tmp_path_factory):
 
 @pytest.fixture
 def backbone(tiny_cogvideox):
-    return CogVideoXBackbone(str(tiny_cogvideox))
+    return CogVideoXBackbone(str(tiny_cogvideox), text_encoder_dtype="float32")  # exact comparisons with the pipeline
 
 
 def test_loads_encodes_frames_first_and_predicts(backbone):
@@ -196,3 +196,10 @@ def test_example_config_parses_through_the_cli(capsys, monkeypatch):
     assert config["trainer"]["precision"] == "bf16-mixed"
     assert config["data"]["class_path"] == "lightning_pref.datamodules.VideoPreferenceDataModule"
     assert config["data"]["init_args"]["num_frames"] == 49
+
+
+def test_t5_is_held_in_bfloat16_by_default_and_training_runs(tiny_cogvideox, tmp_path):
+    backbone = CogVideoXBackbone(str(tiny_cogvideox))
+    assert backbone.text_encoder.dtype == torch.bfloat16
+    assert backbone.encode_prompts(["a red cat"])["encoder_hidden_states"].dtype == torch.float32  # the denoiser's
+    check_two_step_fit(backbone, "lora", tmp_path)

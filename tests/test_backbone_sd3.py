@@ -53,7 +53,7 @@ def diffusers_pipeline(path, with_t5):
 @pytest.mark.parametrize("with_t5", [True, False], ids=["t5", "no_t5"])
 def test_loads_and_predicts_with_the_pipelines_conditioning(with_t5, request):
     path = request.getfixturevalue("tiny_sd3" if with_t5 else "tiny_sd3_no_t5")
-    backbone = StableDiffusion3Backbone(str(path))
+    backbone = StableDiffusion3Backbone(str(path), text_encoder_dtype="float32")  # T5 as the pipeline loads it
     assert (backbone.text_encoder_3 is not None) == with_t5
     conditioning = backbone.encode_prompts(PROMPTS)
     hidden, pooled = conditioning["encoder_hidden_states"], conditioning["pooled_projections"]
@@ -155,7 +155,7 @@ def test_the_transformer_trains_on_flow_inputs_and_velocity_targets(tiny_sd3, tm
 @pytest.mark.parametrize("with_t5", [True, False], ids=["t5", "no_t5"])
 def test_sampling_is_deterministic_and_matches_the_diffusers_pipeline(with_t5, request):
     path = request.getfixturevalue("tiny_sd3" if with_t5 else "tiny_sd3_no_t5")
-    backbone = StableDiffusion3Backbone(str(path))
+    backbone = StableDiffusion3Backbone(str(path), text_encoder_dtype="float32")  # T5 as the pipeline loads it
     noise = torch.randn(backbone.latent_shape(2), generator=torch.Generator().manual_seed(0))
     first = backbone.sample(PROMPTS, initial_noise=noise, num_inference_steps=3)
     second = backbone.sample(PROMPTS, initial_noise=noise, num_inference_steps=3)
@@ -312,3 +312,14 @@ def test_example_config_fits_one_step_on_the_tiny_pipeline(tiny_sd3, tiny_shards
     (lr,) = [row["lr-AdamW"] for row in rows if row["lr-AdamW"]]
     assert float(lr) == pytest.approx(1e-8 * 2 / 201)  # scale_lr by 2 pairs per step, first of 200 warm-up steps
     assert next(tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt")).is_file()  # the example's callbacks ran
+
+
+def test_t5_is_held_in_bfloat16_by_default_and_feeds_the_denoiser_its_dtype(tiny_sd3):
+    backbone = StableDiffusion3Backbone(str(tiny_sd3))
+    assert backbone.text_encoder_3.dtype == torch.bfloat16 and backbone.text_encoder.dtype == torch.float32
+    hidden = backbone.encode_prompts(PROMPTS)["encoder_hidden_states"]
+    assert hidden.dtype == backbone.denoiser.dtype == torch.float32
+    exact = StableDiffusion3Backbone(str(tiny_sd3), text_encoder_dtype="float32").encode_prompts(PROMPTS)["encoder_hidden_states"]
+    torch.testing.assert_close(hidden, exact, rtol=0.05, atol=0.05)  # bf16 rounding only
+    with pytest.raises(ValueError, match="text_encoder_dtype='int8'"):
+        StableDiffusion3Backbone(str(tiny_sd3), text_encoder_dtype="int8")

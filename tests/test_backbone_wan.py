@@ -23,7 +23,7 @@ def tiny_wan(tmp_path_factory):
 
 @pytest.fixture
 def backbone(tiny_wan):
-    return WanBackbone(str(tiny_wan), **VIDEO_SIZE)
+    return WanBackbone(str(tiny_wan), **VIDEO_SIZE, text_encoder_dtype="float32")  # exact comparisons with the pipeline
 
 
 def test_loads_encodes_channels_first_normalized_latents_and_predicts(backbone):

@@ -36,6 +36,8 @@ class CogVideoXBackbone(TextToVideoBackbone):
             CogVideoX-2B's position embeddings fix it to that value.
         vae_tiling: encode and decode in spatial tiles (less memory at 480x720).
         timestep_range, error_weighting: noise-process options (:class:`~lightning_pref.processes.DDPMProcess`).
+        text_encoder_dtype: dtype the frozen T5 is held in (``bfloat16`` by default: T5-XXL's 4.7B weights take
+            9.5 GB instead of 19 GB on every GPU); its states reach the denoiser in the denoiser's dtype.
 
     CogVideoX1.5 patches latent frames in pairs (``patch_size_t`` 2): its videos need an even number of latent
     frames ``(num_frames - 1) / 4 + 1`` (e.g. 77 or 85 frames, not 81), and :meth:`latent_shape` rounds down to
@@ -54,10 +56,11 @@ class CogVideoXBackbone(TextToVideoBackbone):
         variant: str | None = None,
         max_sequence_length: int | None = None,
         vae_tiling: bool = False,
+        text_encoder_dtype: str = "bfloat16",
         timestep_range: tuple[float, float] = (0.0, 1.0),
         error_weighting: Literal["constant", "min_snr"] = "constant",
     ):
-        super().__init__(pretrained, revision, variant, max_sequence_length, vae_tiling)
+        super().__init__(pretrained, revision, variant, max_sequence_length, vae_tiling, text_encoder_dtype)
         config = self.denoiser.config
         if max_sequence_length is None:
             self.max_sequence_length = config.max_text_seq_length

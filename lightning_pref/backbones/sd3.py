@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
 from lightning_pref.backbones.base import Backbone, Conditioning
-from lightning_pref.backbones.stable_diffusion import ImagePipelineMixin, _frozen, read_model_index
+from lightning_pref.backbones.stable_diffusion import ImagePipelineMixin, _frozen, read_model_index, torch_dtype
 from lightning_pref.processes import FlowMatchingProcess
 
 
@@ -36,6 +36,8 @@ class StableDiffusion3Backbone(ImagePipelineMixin, Backbone):
             the zeros standing for T5 in a pipeline without it. 256, as the SD3 pipeline.
         timestep_range, time_sampling, logit_mean, logit_std, error_weighting: noise-process options
             (:class:`~lightning_pref.processes.FlowMatchingProcess`).
+        text_encoder_dtype: dtype the frozen T5 is held in (``bfloat16`` by default: T5-XXL's 4.7B weights take
+            9.5 GB instead of 19 GB on every GPU); its states reach the denoiser in the denoiser's dtype.
     """
 
     prompt_keys = ("encoder_hidden_states", "pooled_projections")
@@ -54,6 +56,7 @@ class StableDiffusion3Backbone(ImagePipelineMixin, Backbone):
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         error_weighting: Literal["constant", "eps_equivalent"] = "constant",
+        text_encoder_dtype: str = "bfloat16",
     ):
         super().__init__()
         self.pretrained = pretrained
@@ -72,7 +75,11 @@ class StableDiffusion3Backbone(ImagePipelineMixin, Backbone):
         self.tokenizer_3 = self.text_encoder_3 = None
         if (index.get("text_encoder_3") or [None])[0] is not None:
             self.tokenizer_3 = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer_3", revision=revision)
-            self.text_encoder_3 = _frozen(T5EncoderModel.from_pretrained(pretrained, subfolder="text_encoder_3", **load))
+            self.text_encoder_3 = _frozen(
+                T5EncoderModel.from_pretrained(
+                    pretrained, subfolder="text_encoder_3", torch_dtype=torch_dtype(text_encoder_dtype), **load
+                )
+            )
         self.vae = _frozen(AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **load))
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)
         self.process = FlowMatchingProcess.from_scheduler_config(
@@ -102,7 +109,7 @@ class StableDiffusion3Backbone(ImagePipelineMixin, Backbone):
             width = self.denoiser.config.joint_attention_dim
             return torch.zeros(len(prompts), self.max_sequence_length, width, device=self.device)
         length = min(self.max_sequence_length, self.tokenizer_3.model_max_length)
-        return self.text_encoder_3(self.tokenize(self.tokenizer_3, prompts, length))[0]
+        return self.text_encoder_3(self.tokenize(self.tokenizer_3, prompts, length))[0].to(self.denoiser.dtype)
 
     def predict(self, denoiser: nn.Module, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor:
         """The velocity ``eps - x0``; ``timesteps`` are ``s * 1000``, as the scheduler hands them out."""

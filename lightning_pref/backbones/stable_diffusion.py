@@ -40,6 +40,14 @@ def read_model_index(pretrained: str, revision: str | None = None) -> dict[str, 
     return json.loads(index_file.read_text())
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``, with a clear error for anything that is not a floating dtype."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"text_encoder_dtype={name!r}: use a floating dtype name such as 'bfloat16' or 'float32'.")
+    return dtype
+
+
 def _frozen(module: nn.Module) -> nn.Module:
     return module.requires_grad_(False).eval()
 

@@ -16,7 +16,7 @@ from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedModel
 
 from lightning_pref.backbones.base import Backbone, Conditioning
-from lightning_pref.backbones.stable_diffusion import _frozen, read_model_index
+from lightning_pref.backbones.stable_diffusion import _frozen, read_model_index, torch_dtype
 
 
 class TextToVideoBackbone(Backbone):
@@ -27,6 +27,7 @@ class TextToVideoBackbone(Backbone):
         revision, variant: passed to every ``from_pretrained``.
         max_sequence_length: tokens per prompt (prompts are padded or truncated to it).
         vae_tiling: encode and decode in spatial tiles (less memory for large frames).
+        text_encoder_dtype: dtype of the frozen text encoder (see the subclasses).
 
     Subclasses set ``text_encoder_class``, ``vae_class``, ``denoiser_class``, ``mask_prompt_padding`` (run the
     text encoder with the attention mask and zero the states past each prompt, as Wan2.1; else the padding is
@@ -49,6 +50,7 @@ class TextToVideoBackbone(Backbone):
         variant: str | None,
         max_sequence_length: int | None,
         vae_tiling: bool,
+        text_encoder_dtype: str,
     ):
         super().__init__()
         self.pretrained = pretrained
@@ -57,7 +59,11 @@ class TextToVideoBackbone(Backbone):
         self.check_checkpoint(index, denoiser_config)  # before loading gigabytes of weights
         load = dict(revision=revision, variant=variant)
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision)
-        self.text_encoder = _frozen(self.text_encoder_class.from_pretrained(pretrained, subfolder="text_encoder", **load))
+        self.text_encoder = _frozen(
+            self.text_encoder_class.from_pretrained(
+                pretrained, subfolder="text_encoder", torch_dtype=torch_dtype(text_encoder_dtype), **load
+            )
+        )
         self.vae = _frozen(self.vae_class.from_pretrained(pretrained, subfolder="vae", **load))
         self.vae.enable_slicing()  # one video at a time through the VAE: the same latents, less memory
         if vae_tiling:
@@ -90,8 +96,8 @@ class TextToVideoBackbone(Backbone):
             return_tensors="pt",
         ).to(self.device)
         if not self.mask_prompt_padding:
-            return {"encoder_hidden_states": self.text_encoder(tokens.input_ids)[0]}
-        hidden = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+            return {"encoder_hidden_states": self.text_encoder(tokens.input_ids)[0].to(self.denoiser.dtype)}
+        hidden = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0].to(self.denoiser.dtype)
         return {"encoder_hidden_states": hidden * tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)}
 
     @torch.no_grad()

@@ -43,6 +43,8 @@ class WanBackbone(TextToVideoBackbone):
         shift: overrides the config's ``flow_shift``.
         timestep_range, time_sampling, logit_mean, logit_std, error_weighting: noise-process options
             (:class:`~lightning_pref.processes.FlowMatchingProcess`).
+        text_encoder_dtype: dtype the frozen T5 is held in (``bfloat16`` by default: T5-XXL's 4.7B weights take
+            9.5 GB instead of 19 GB on every GPU); its states reach the denoiser in the denoiser's dtype.
     """
 
     text_encoder_class = UMT5EncoderModel
@@ -60,6 +62,7 @@ class WanBackbone(TextToVideoBackbone):
         height: int = 480,
         width: int = 832,
         vae_tiling: bool = False,
+        text_encoder_dtype: str = "bfloat16",
         shift: float | None = None,
         timestep_range: tuple[float, float] = (0.0, 1.0),
         time_sampling: Literal["uniform", "logit_normal"] = "uniform",
@@ -67,7 +70,7 @@ class WanBackbone(TextToVideoBackbone):
         logit_std: float = 1.0,
         error_weighting: Literal["constant", "eps_equivalent"] = "constant",
     ):
-        super().__init__(pretrained, revision, variant, max_sequence_length, vae_tiling)
+        super().__init__(pretrained, revision, variant, max_sequence_length, vae_tiling, text_encoder_dtype)
         self.video_size = (num_frames, height, width)
         self.process = FlowMatchingProcess(
             num_train_timesteps=self.scheduler_config.get("num_train_timesteps", 1000),
