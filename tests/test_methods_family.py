@@ -4,6 +4,8 @@ import csv
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -139,8 +141,45 @@ def test_kto_reads_winners_as_desirable_and_losers_as_undesirable(sd_backbone):
     torch.testing.assert_close(metrics["desirable_reward"], (errors.ref_w - errors.policy_w).mean())
     torch.testing.assert_close(metrics["undesirable_reward"], (errors.ref_l - errors.policy_l).mean())
     assert "implicit_acc" in metrics  # the shared pairwise metrics of the pairs it read
-    with pytest.raises(NotImplementedError, match="unpaired batch"):
-        module.prepare_pairs({"pixels": torch.zeros(2, 3, 16, 16), "label": torch.ones(2), "prompt": ["a", "b"]}, PairRandomness.seeded(0, 0, 2))
+
+
+def test_kto_on_unpaired_samples_draws_noise_per_sample_and_routes_labels(sd_backbone, monkeypatch):
+    module = DiffusionKTO(sd_backbone, beta=100.0)
+    pixels = torch.rand(1, 3, 16, 16).expand(4, 3, 16, 16) * 2 - 1  # one image, four times, same prompt
+    batch = {"pixels": pixels, "label": torch.tensor([1, 0, 1, 0]), "prompt": ["a red cat"] * 4}
+    logged = {}
+    monkeypatch.setattr(module, "log_metrics", lambda stage, loss, metrics, batch_size: logged.update(metrics, loss=loss))
+    monkeypatch.setattr(module, "step_randomness", lambda batch, batch_idx, stage: PairRandomness.seeded(3, 0, 4))
+    loss = module.preference_step(batch, 0, "train")
+
+    random = PairRandomness.seeded(3, 0, 4)  # the same streams, by hand
+    x0 = sd_backbone.encode_pixels(pixels, random.generators)
+    noisy = module.noised(x0, random.normal(tuple(x0.shape[1:])), random.timesteps(module.process))
+    assert len(noisy.timesteps.unique()) == 4  # each sample its own timestep (and noise)
+    _, policy, reference = module.sample_errors(noisy, sd_backbone.encode_prompts(batch["prompt"]), batch)
+    reward = reference - policy
+    torch.testing.assert_close(logged["desirable_reward"], reward[[0, 2]].mean())
+    torch.testing.assert_close(logged["undesirable_reward"], reward[[1, 3]].mean())
+    torch.testing.assert_close(loss, logged["loss"])
+    with pytest.raises(KeyError, match="without 'label'"):
+        module.preference_step({"pixels": pixels, "prompt": batch["prompt"]}, 0, "train")
+
+
+def test_kto_fits_on_the_unpaired_datamodule(sd_backbone, tmp_path):
+    from lightning_pref.datamodules import UnpairedDataModule, write_unpaired_shards
+
+    rng = np.random.default_rng(0)
+    samples = [{"image": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), "caption": f"a cat {i}", "label": i % 2} for i in range(8)]
+    write_unpaired_shards(samples, tmp_path / "shards")
+    module = DiffusionKTO(sd_backbone, lr=1e-3)
+    before = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+    data = UnpairedDataModule(str(tmp_path / "shards"), batch_size=4, num_workers=0, batches_per_epoch=2)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert "train/reference_point" in trainer.callback_metrics
+    assert any(not torch.equal(p, before[name]) for name, p in module.named_parameters() if p.requires_grad)
 
 
 def test_kto_reference_point_is_averaged_across_ranks(sd_backbone, monkeypatch):

@@ -356,37 +356,50 @@ class PreferenceDiffusionModule(pl.LightningModule):
                 f"(or precomputed 'latents_w' and 'latents_l'), but the batch has {sorted(batch)}: check the "
                 "DataModule's output or the shard fields it reads."
             )
+        return PreferencePairs(latents_w, latents_l, self.prompt_conditioning(batch, random))
+
+    def prompt_conditioning(self, batch: dict[str, Any], random: PairRandomness) -> Conditioning:
+        """The batch's prompt conditioning, each row replaced by the empty prompt's with ``caption_dropout``."""
         conditioning = self.backbone.conditioning_for(batch)
         if self.caption_dropout > 0 and self.training:
-            drop = random.uniform() < self.caption_dropout
-            conditioning = self.backbone.drop_prompts(conditioning, drop)
-        return PreferencePairs(latents_w, latents_l, conditioning)
+            conditioning = self.backbone.drop_prompts(conditioning, random.uniform() < self.caption_dropout)
+        return conditioning
 
     def noise_pairs(self, pairs: PreferencePairs, random: PairRandomness) -> NoisyPairs:
         """Draw one (t, eps) per pair and noise winner and loser with it (METHODS.md, shared notation)."""
-        latents_w = pairs.latents_w
         t = random.timesteps(self.process)
-        noise = random.normal(tuple(latents_w.shape[1:])).to(latents_w)
-        x0 = torch.cat([latents_w, pairs.latents_l])
-        t, noise = t.repeat(2).to(x0.device), noise.repeat(2, *([1] * (noise.ndim - 1)))
+        noise = random.normal(tuple(pairs.latents_w.shape[1:])).to(pairs.latents_w)
+        x0 = torch.cat([pairs.latents_w, pairs.latents_l])
+        return self.noised(x0, noise.repeat(2, *([1] * (noise.ndim - 1))), t.repeat(2))
+
+    def noised(self, x0: Tensor, noise: Tensor, t: Tensor) -> NoisyPairs:
+        """``x_t`` and the target of clean samples ``x0`` for the given noise and process times."""
+        t = t.to(x0.device)
         return NoisyPairs(self.process.add_noise(x0, noise, t), self.process.target(x0, noise, t), t)
 
     def pair_errors(self, noisy: NoisyPairs, conditioning: Conditioning, batch: dict[str, Any]) -> PairErrors:
         """Per-sample errors of the policy (with grad) and the reference (no grad), one forward each."""
-        stacked = concat_conditioning([conditioning, conditioning])
-        model_t = self.process.model_timesteps(noisy.timesteps)
-        policy = self.backbone.predict(self.denoiser, noisy.x_t, model_t, self.policy_conditioning(stacked, batch))
-        policy_w, policy_l = self.denoising_errors(policy, noisy).chunk(2)
+        policy_prediction, policy, reference = self.sample_errors(noisy, concat_conditioning([conditioning] * 2), batch)
+        policy_w, policy_l = policy.chunk(2)
         loser_scale = None
         if self.loser_safeguard:
-            policy_l, loser_scale = self.safeguard_loser(policy, noisy, policy_l)
-        if self.uses_reference:
-            with torch.no_grad():
-                reference = self.reference_prediction(noisy.x_t, model_t, self.reference_conditioning(stacked, batch))
-            ref_w, ref_l = self.denoising_errors(reference, noisy).chunk(2)
-        else:
-            ref_w = ref_l = torch.zeros_like(policy_w)
+            policy_l, loser_scale = self.safeguard_loser(policy_prediction, noisy, policy_l)
+        ref_w, ref_l = reference.chunk(2)
         return PairErrors(policy_w, policy_l, ref_w, ref_l, noisy.timesteps[: policy_w.shape[0]], loser_scale)
+
+    def sample_errors(
+        self, noisy: NoisyPairs, conditioning: Conditioning, batch: dict[str, Any]
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The policy's prediction, and the per-sample errors of the policy (with grad) and of the reference
+        (no grad; zeros for reference-free methods) on a batch of noisy samples, each ``(N,)``."""
+        model_t = self.process.model_timesteps(noisy.timesteps)
+        prediction = self.backbone.predict(self.denoiser, noisy.x_t, model_t, self.policy_conditioning(conditioning, batch))
+        policy = self.denoising_errors(prediction, noisy)
+        if not self.uses_reference:
+            return prediction, policy, torch.zeros_like(policy)
+        with torch.no_grad():
+            reference = self.reference_prediction(noisy.x_t, model_t, self.reference_conditioning(conditioning, batch))
+        return prediction, policy, self.denoising_errors(reference, noisy)
 
     def denoising_errors(self, prediction: Tensor, noisy: NoisyPairs) -> Tensor:
         """``mean over non-batch dims of (prediction - target)^2`` in fp32, times the process's weight."""

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_pref.losses import implicit_reward_margin, kto_loss, pairwise_metrics
-from lightning_pref.methods.base import PairErrors, PairRandomness, PreferenceDiffusionModule, PreferencePairs
+from lightning_pref.methods.base import PairErrors, PreferenceDiffusionModule
 
 
 def mean_across_ranks(value: Tensor) -> Tensor:
@@ -32,11 +32,13 @@ class DiffusionKTO(PreferenceDiffusionModule):
     2. the reference point ``z = clamp(mean(g), 0)``, detached and averaged over all ranks;
     3. ``L = mean(w_y * (1 - sigmoid(s_y * beta * (g - z))))``, ``s_y = +1`` desirable, ``-1`` undesirable.
 
-    Data: the method reads the library's preference batches (``pixels_w``/``pixels_l`` or latents, and the
-    prompt) as *two labelled samples per pair*: the winner desirable, the loser undesirable. The two share
-    the pair's timestep and noise (the base module's noising), which leaves each sample's loss unbiased. The
-    unpaired batch layout of :class:`~lightning_pref.datamodules.unpaired.UnpairedDataModule` (``pixels`` +
-    ``label``) is not supported yet: it needs per-sample noising and forwards in the base module.
+    Data, either layout:
+
+    * unpaired batches of :class:`~lightning_pref.datamodules.unpaired.UnpairedDataModule` (``pixels`` or
+      ``latents``, ``label``): each sample gets its own timestep and noise (the paper's setting);
+    * preference batches (``pixels_w``/``pixels_l`` or latents): *two labelled samples per pair*, the winner
+      desirable, the loser undesirable, sharing the pair's timestep and noise (the base module's noising),
+      which leaves each sample's loss unbiased.
 
     Args:
         beta: 1000 (the official code; no 0.5 factor).
@@ -62,22 +64,34 @@ class DiffusionKTO(PreferenceDiffusionModule):
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight
 
-    def prepare_pairs(self, batch: dict[str, Any], random: PairRandomness) -> PreferencePairs:
-        if "label" in batch and not {"pixels_w", "latents_w"} & set(batch):
-            raise NotImplementedError(
-                "DiffusionKTO got an unpaired batch ('label' without 'pixels_w'/'latents_w', e.g. from "
-                "UnpairedDataModule); it reads preference pairs as two labelled samples (winner desirable, loser "
-                "undesirable): train it on PreferenceDataModule."
-            )
-        return super().prepare_pairs(batch, random)
+    def preference_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> Tensor:
+        if {"pixels_w", "latents_w"} & set(batch) or not {"pixels", "latents"} & set(batch):
+            return super().preference_step(batch, batch_idx, stage)
+        return self.unpaired_step(batch, batch_idx, stage)
+
+    def unpaired_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> Tensor:
+        """One step on labelled samples: per-sample (t, eps), one policy and one reference forward."""
+        if "label" not in batch:
+            raise KeyError(f"DiffusionKTO got an unpaired batch without 'label' (it has {sorted(batch)}): give the "
+                           "DataModule labelled samples (UnpairedDataModule reads 'label' from each sample's json).")
+        random = self.step_randomness(batch, batch_idx, stage)
+        x0 = batch["latents"] if "latents" in batch else self.backbone.encode_pixels(batch["pixels"], random.generators)
+        noisy = self.noised(x0, random.normal(tuple(x0.shape[1:])).to(x0), random.timesteps(self.process))
+        _, policy, reference = self.sample_errors(noisy, self.prompt_conditioning(batch, random), batch)
+        loss, metrics = self.labelled_loss(policy, reference, batch["label"].to(policy.device).bool())
+        self.log_metrics(stage, loss, metrics, batch_size=x0.shape[0])
+        return loss
 
     def compute_loss(self, errors: PairErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         policy = torch.cat([errors.policy_w, errors.policy_l])
-        reference = torch.cat([errors.ref_w, errors.ref_l])
         desirable = torch.arange(policy.shape[0], device=policy.device) < errors.policy_w.shape[0]
-        reference_point = mean_across_ranks((reference - policy).detach().mean()).clamp(min=0)
-        loss, metrics = kto_loss(
-            policy, reference, desirable, self.beta, reference_point, self.desirable_weight, self.undesirable_weight
-        )
+        loss, metrics = self.labelled_loss(policy, torch.cat([errors.ref_w, errors.ref_l]), desirable)
         margin = implicit_reward_margin(*errors.as_args(), beta=self.beta)
         return loss, {**pairwise_metrics(margin, *errors.as_args()), **metrics}
+
+    def labelled_loss(self, policy: Tensor, reference: Tensor, desirable: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """:func:`~lightning_pref.losses.kto_loss` with the reference point averaged over all ranks."""
+        reference_point = mean_across_ranks((reference - policy).detach().mean()).clamp(min=0)
+        return kto_loss(
+            policy, reference, desirable, self.beta, reference_point, self.desirable_weight, self.undesirable_weight
+        )
