@@ -57,6 +57,8 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         self._init_deepspeed_distributed()
 
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        if self.zero_stage_3:
+            mark_frozen_encoders_as_leaves(self.lightning_module)
         if self.on_cpu:
             import deepspeed
 
@@ -94,23 +96,38 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         return engine
 
 
-def keep_frozen_encoders_whole(module: nn.Module) -> None:
-    """Under ZeRO-3, gather the frozen encoders (text encoders, VAE) once and keep them whole on every rank.
+def frozen_encoders(module: nn.Module) -> list[nn.Module]:
+    """The backbone's frozen parts besides the denoiser: text encoders and VAE."""
+    backbone = getattr(module, "backbone", None)
+    return [
+        part
+        for name, part in (backbone.named_children() if backbone is not None else ())
+        if name != "denoiser" and not any(p.requires_grad for p in part.parameters())
+    ]
 
-    ZeRO-3 partitions every parameter of the module it wraps and gathers a parameter only while its own
-    submodule's ``forward`` runs; encoders are entered through ``encode``/``decode`` or read a child's weight
-    shape first (CLIP's position check), and would meet empty partitions. Gathered and marked persistent, they
-    are replicated, as in diffusers' training scripts; precomputed latents and embeddings
+
+def mark_frozen_encoders_as_leaves(module: nn.Module) -> None:
+    """Before ZeRO-3 wraps the module: make each frozen encoder one ZeRO-3 *leaf*, whose parameters are fetched
+    all together when it is called (CLIP reads a child's weight shape before calling it), and whose inside
+    registers no fetch or release hooks (the VAE is entered through ``encode``/``decode``, not ``forward``)."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    for part in frozen_encoders(module):
+        set_z3_leaf_module(part, True)
+
+
+def keep_frozen_encoders_whole(module: nn.Module) -> None:
+    """After ZeRO-3 wrapped the module: gather the frozen encoders once and keep them whole on every rank.
+
+    As in diffusers' training scripts, the encoders are replicated; precomputed latents and embeddings
     (``lightning-pref data precompute``) keep them out of the training process altogether.
     """
-    backbone = getattr(module, "backbone", None)
-    for name, part in backbone.named_children() if backbone is not None else ():
-        params = [p for p in part.parameters() if hasattr(p, "ds_id")]
-        if name == "denoiser" or not params or any(p.requires_grad for p in params):
-            continue
-        params[0].all_gather(param_list=params)
-        for param in params:
-            param.ds_persist = True
+    for part in frozen_encoders(module):
+        params = list(part.parameters())
+        if params and hasattr(params[0], "ds_id"):
+            params[0].all_gather(param_list=params)
+            for param in params:
+                param.ds_persist = True
 
 
 def shard_reference(reference: nn.Module, strategy: Any, mesh: Any = None) -> nn.Module | None:

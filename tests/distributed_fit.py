@@ -7,7 +7,8 @@ Fits Diffusion-DPO on a tiny pipeline (default: pixel-space SD) with the same gl
 resumed run sees what the uninterrupted one saw), split evenly across processes (rank r trains pairs
 [r * 4/W, (r+1) * 4/W)), saves a checkpoint every 2 steps, and writes per rank ``rank{r}.json``: the loss of
 every step, how many elements of the reference this rank holds (and of how many), and whether the
-reference's prediction stayed fixed; rank 0 also writes the final denoiser weights, gathered from their
+reference's prediction stayed fixed; with the SD backbone, a SampleGrid samples on every rank (the weights
+may be sharded) and rank 0 writes ``samples/before_after.png``; rank 0 also writes the final denoiser weights, gathered from their
 shards, to ``final_denoiser.safetensors``.
 """
 
@@ -27,6 +28,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from lightning_pref.backbones import CogVideoXBackbone, StableDiffusion3Backbone, StableDiffusionBackbone, WanBackbone
+from lightning_pref.callbacks import SampleGrid
 from lightning_pref.methods import DiffusionDPO
 from lightning_pref.strategies import DeepSpeedStrategy
 
@@ -157,6 +159,8 @@ def main() -> None:
         callbacks=[
             Record(args.out_dir, pixel_shape),
             ModelCheckpoint(args.out_dir / "checkpoints", filename="{step}", every_n_train_steps=2, save_top_k=-1),
+            *([SampleGrid(["a red cat", "a square"], num_inference_steps=2, dirpath=str(args.out_dir / "samples"))]
+              if args.backbone == "sd" else []),
         ],
     )
     trainer.fit(module, datamodule=RankSlice(args.steps, pixel_shape), ckpt_path=args.resume)

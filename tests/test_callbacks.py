@@ -28,3 +28,16 @@ def test_sample_grid_writes_before_after_and_rewards(tmp_path, tiny_pixel):
     expected = reference.sample(prompts, initial_noise=noise, num_inference_steps=2)
     torch.testing.assert_close(grid.before, expected)
     assert summary["mean_before"] == WarmthReward().score(expected, prompts).mean().item()
+
+
+def test_videos_are_saved_as_filmstrips_of_evenly_spaced_frames(tmp_path):
+    from PIL import Image
+
+    from lightning_pref.callbacks.sampling import filmstrips, save_image_grid
+
+    videos = torch.arange(5.0).div(4).reshape(1, 1, 5, 1, 1).expand(2, 3, 5, 2, 2)  # frame f is f / 4 everywhere
+    strips = filmstrips(videos, max_frames=3)  # frames 0, 2, 4
+    assert strips.shape == (2, 3, 2, 6)
+    assert strips[0, 0, 0].tolist() == [0.0, 0.0, 0.5, 0.5, 1.0, 1.0]
+    path = save_image_grid([videos, videos], tmp_path / "grid.png", max_frames=3)
+    assert Image.open(path).size == (2 * 6, 2 * 2)  # two videos per row, two rows

@@ -92,6 +92,7 @@ def test_two_processes_match_one_save_and_resume(pipeline, single_process, tmp_p
     assert_same_losses(mean_losses(records), single_process["full"])
     losses = mean_losses(records)
     assert losses["4"] != losses["1"]  # it trained
+    assert (tmp_path / "run" / "samples" / "before_after.png").exists()  # sampling with sharded weights did not hang
     for record in records:
         assert record["reference_change"] == 0.0  # the frozen reference never moved
         if strategy in ("zero3", "fsdp2"):  # partitioned, not silently replicated

@@ -14,8 +14,12 @@ from torch import Tensor
 from lightning_pref.rewards import RewardModel
 
 
-def save_image_grid(rows: list[Tensor], path: str | Path, scale: int = 1) -> Path:
-    """Save rows of images (each ``(N, 3, H, W)`` in [0, 1]) as one PNG grid, upscaled ``scale`` times."""
+def save_image_grid(rows: list[Tensor], path: str | Path, scale: int = 1, max_frames: int = 8) -> Path:
+    """Save rows of images (each ``(N, 3, H, W)`` in [0, 1]) as one PNG grid, upscaled ``scale`` times.
+
+    Videos (``(N, 3, F, H, W)``) become filmstrips of at most ``max_frames`` evenly spaced frames.
+    """
+    rows = [filmstrips(row, max_frames) if row.ndim == 5 else row for row in rows]
     grid = torch.cat([torch.cat(list(row), dim=-1) for row in rows], dim=-2)
     array = (grid.permute(1, 2, 0).float().cpu().numpy() * 255).round().astype(np.uint8)
     image = Image.fromarray(array)
@@ -25,6 +29,14 @@ def save_image_grid(rows: list[Tensor], path: str | Path, scale: int = 1) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
     return path
+
+
+def filmstrips(videos: Tensor, max_frames: int) -> Tensor:
+    """``(N, 3, F, H, W)`` videos to ``(N, 3, H, k * W)`` strips of ``k = min(F, max_frames)`` frames."""
+    frames = videos.shape[2]
+    chosen = torch.linspace(0, frames - 1, min(frames, max_frames)).round().long()
+    picked = videos[:, :, chosen]  # (N, 3, k, H, W)
+    return picked.permute(0, 1, 3, 2, 4).flatten(3)
 
 
 class SampleGrid(pl.Callback):
@@ -89,20 +101,25 @@ class SampleGrid(pl.Callback):
             reward = self.reward.score(images, self.prompts).mean().item()
             trainer.logger.log_metrics({"samples/reward": reward}, step=trainer.global_step)
 
+    # Every rank samples (under ZeRO-3 and FSDP2 each forward gathers weights from all ranks); rank 0 writes.
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.before = self.generate(pl_module)
         if trainer.is_global_zero:
-            self.before = self.generate(pl_module)
             self.save(trainer, self.before, "before.png")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if trainer.is_global_zero and self.every_n_steps and step % self.every_n_steps == 0 and step > 0:
-            self.save(trainer, self.generate(pl_module), f"step_{step:06d}.png")
+        if self.every_n_steps and step % self.every_n_steps == 0 and step > 0:
+            images = self.generate(pl_module)
+            if trainer.is_global_zero:
+                self.save(trainer, images, f"step_{step:06d}.png")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or self.before is None:
+        if self.before is None:
             return
         after = self.generate(pl_module)
+        if not trainer.is_global_zero:
+            return
         self.save(trainer, after, "after.png")
         save_image_grid([self.before, after], self.output_dir(trainer) / "before_after.png", self.scale)
         if self.reward is not None:
