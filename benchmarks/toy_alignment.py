@@ -75,13 +75,16 @@ def train(method: str, seed: int, data: Path, run_dir: Path, args: argparse.Name
 
 @torch.no_grad()
 def evaluate(module, eval_seeds: int) -> dict:
-    """Base vs tuned on the held-out prompts, from identical initial noise."""
+    """Base vs tuned on the held-out prompts, from identical initial noise.
+
+    The base is loaded afresh from the pipeline the run started from: reference-free methods (MaPO) keep no
+    copy of it, and a method whose reference moves must not be compared with its own reference.
+    """
     module.eval()
     prompts = [prompt for prompt in HELDOUT_PROMPTS for _ in range(eval_seeds)]
     seeds = [10_000 + i for _ in HELDOUT_PROMPTS for i in range(eval_seeds)]
     tuned = sample_images(module.backbone, prompts, seeds)
-    with module.reference_denoiser() as base_denoiser:
-        base = sample_images(module.backbone, prompts, seeds, denoiser=base_denoiser)
+    base = sample_images(type(module.backbone)(module.backbone.pretrained), prompts, seeds)
     reward = ToyPreferenceReward("warm")
     tuned_reward, base_reward = reward.score(tuned, prompts), reward.score(base, prompts)
     wins = (tuned_reward > base_reward).float() + 0.5 * (tuned_reward == base_reward).float()

@@ -131,6 +131,9 @@ def test_mapo_runs_one_forward_and_never_the_reference(tmp_path, sd_backbone):
     module.reference_denoiser = no_reference
     trainer(tmp_path, 2).fit(module, DataLoader(random_pairs(8), batch_size=4))
     assert len(forwards) == 2  # one policy forward per step
+    with pytest.raises(RuntimeError, match="reference-free"):
+        with MaPO.reference_denoiser(module):
+            pass
 
 
 # --------------------------------------------------------------------------------------------- Diffusion-KTO

@@ -449,6 +449,11 @@ class PreferenceDiffusionModule(pl.LightningModule):
     @contextlib.contextmanager
     def reference_denoiser(self) -> Iterator[nn.Module]:
         """The reference network, ready to call, for the duration of the ``with`` block."""
+        if not self.uses_reference:
+            raise RuntimeError(
+                f"{type(self).__name__} is reference-free: it keeps no reference network. Load the base model "
+                "from its pipeline (type(module.backbone)(module.backbone.pretrained)) to compare with it."
+            )
         if self.finetune == "lora":
             self.denoiser.disable_adapters()
             try:
