@@ -3,7 +3,6 @@
 (Full fine-tunes from single-file, ZeRO-3 and FSDP2 checkpoints are exported in tests/test_strategies.py.)
 """
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
@@ -13,6 +12,7 @@ from torch.utils.data import DataLoader
 from conftest import random_pairs
 from lightning_pref.cli import main
 from lightning_pref.export import build_module, export
+from test_module import trainer
 
 
 def run_config(tiny_sd, path, **options):
@@ -28,11 +28,10 @@ def lora_run(tiny_sd, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_run")
     config = run_config(tiny_sd, root / "config.yaml")
     module = build_module(config)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=root)
-    trainer.fit(module, DataLoader(random_pairs(12), batch_size=4))
+    fit_trainer = trainer(root, 3)
+    fit_trainer.fit(module, DataLoader(random_pairs(12), batch_size=4))
     checkpoint = root / "last.ckpt"
-    trainer.save_checkpoint(checkpoint)
+    fit_trainer.save_checkpoint(checkpoint)
     return config, checkpoint, module
 
 

@@ -13,6 +13,7 @@ from lightning_pref import methods
 from lightning_pref.cli import main as cli_main
 from lightning_pref.methods import DiffusionDPO
 from lightning_pref.methods.base import PreferenceDiffusionModule
+from test_module import trainer as cpu_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "a blue dog", "a green circle", "a square"]
@@ -46,15 +47,7 @@ def video_pairs(num_pairs: int = 2, frames: int = 5, size: int = 16, seed: int =
 
 def fit(module: PreferenceDiffusionModule, tmp_path: Path, steps: int, data=None) -> pl.Trainer:
     """``steps`` optimizer steps on CPU, on ``data`` (a DataModule) or on random video pairs."""
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = cpu_trainer(tmp_path, steps)
     if data is None:
         trainer.fit(module, train_dataloaders=DataLoader(video_pairs(2 * steps), batch_size=2))
     else:
