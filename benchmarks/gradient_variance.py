@@ -69,7 +69,7 @@ def lora_gradients(modules: dict, batch: dict, seed: int) -> tuple[dict[str, tor
     params = [p for p in network.parameters() if p.requires_grad]
     num_pairs = batch["latents_w"].shape[0]
     noisy = {name: module.noise_pairs(module.prepare_pairs(batch, random), random) for name, module in modules.items()
-             for random in [PairRandomness.seeded(seed, 0, num_pairs)]}  # identical draws; each module records its step
+             for random in [PairRandomness.for_pairs((seed,), range(num_pairs))]}  # identical draws; each module records its step
     conditioning = network.backbone.conditioning_for(batch)
     errors = network.pair_errors(noisy["dpo"], conditioning, batch)
     gradients, metrics = {}, {}

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from lightning_pref.datamodules import write_preference_shards
-from lightning_pref.datamodules.streaming import unit_hash
+from lightning_pref.seeding import unit_hash
 
 
 def free_port() -> int:

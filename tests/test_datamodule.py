@@ -11,7 +11,7 @@ import torch
 
 from lightning_pref.datamodules import PickAPicDataModule, PreferenceDataModule, write_preference_shards
 from lightning_pref.datamodules.media import Geometry
-from lightning_pref.datamodules.streaming import unit_hash
+from lightning_pref.seeding import unit_hash
 from lightning_pref.methods import DiffusionDPO
 
 WHITE, BLACK = np.full((8, 8, 3), 255, dtype=np.uint8), np.zeros((8, 8, 3), dtype=np.uint8)

@@ -35,7 +35,7 @@ def batch_of(num_pairs=4, size=16):
 
 def step_errors(module, batch, seed=0):
     """One step's errors, as the training step computes them."""
-    random = PairRandomness.seeded(seed, 0, len(batch["prompt"]))
+    random = PairRandomness.for_pairs((seed,), range(len(batch["prompt"])))
     pairs = module.prepare_pairs(batch, random)
     return module.pair_errors(module.noise_pairs(pairs, random), pairs.conditioning, batch)
 
@@ -151,10 +151,10 @@ def test_kto_on_unpaired_samples_draws_noise_per_sample_and_routes_labels(sd_bac
     batch = {"pixels": pixels, "label": torch.tensor([1, 0, 1, 0]), "prompt": ["a red cat"] * 4}
     logged = {}
     monkeypatch.setattr(module, "log_metrics", lambda stage, loss, metrics, batch_size: logged.update(metrics, loss=loss))
-    monkeypatch.setattr(module, "step_randomness", lambda batch, batch_idx, stage: PairRandomness.seeded(3, 0, 4))
+    monkeypatch.setattr(module, "step_randomness", lambda batch, batch_idx, stage: PairRandomness.for_pairs((3,), range(4)))
     loss = module.preference_step(batch, 0, "train")
 
-    random = PairRandomness.seeded(3, 0, 4)  # the same streams, by hand
+    random = PairRandomness.for_pairs((3,), range(4))  # the same streams, by hand
     x0 = sd_backbone.encode_pixels(pixels, random.generators)
     noisy = module.noised(x0, random.normal(tuple(x0.shape[1:])), random.timesteps(module.process))
     assert len(noisy.timesteps.unique()) == 4  # each sample its own timestep (and noise)

@@ -1,5 +1,7 @@
 """The base module's contract: shared noise, gradients, the reference, checkpoints, resume, errors."""
 
+from types import SimpleNamespace
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -40,12 +42,30 @@ def perturb_lora(module):
 def test_winner_and_loser_share_timestep_and_noise(sd_backbone):
     module = DiffusionDPO(sd_backbone)
     latents = torch.randn(3, 4, 8, 8)
-    noisy = module.noise_pairs(PreferencePairs(latents, latents.clone(), {}), PairRandomness.seeded(0, 0, latents.shape[0]))
+    noisy = module.noise_pairs(PreferencePairs(latents, latents.clone(), {}), PairRandomness.for_pairs((0,), range(latents.shape[0])))
     x_w, x_l = noisy.x_t.chunk(2)
     t_w, t_l = noisy.timesteps.chunk(2)
     torch.testing.assert_close(x_w, x_l)  # equal clean latents + shared (t, eps) -> equal x_t
     torch.testing.assert_close(t_w, t_l)
     assert len(t_w.unique()) == 3  # ...while different pairs get different timesteps
+
+
+def test_every_step_micro_batch_and_pair_draws_its_own_stream(sd_backbone):
+    """At 256 micro-batches per optimizer step (the shipped SD1.5 recipe) no two (step, micro-batch, pair) share
+    noise; and a pair's stream depends on its global index only, not on how the batch is split over ranks."""
+    module = DiffusionDPO(sd_backbone)
+    batch = {"prompt": ["a"] * 4}
+
+    def first_draws(step: int, rank: int, batch_idx: int) -> list[float]:
+        module._trainer = SimpleNamespace(accumulate_grad_batches=256, global_step=step, global_rank=rank)
+        return module.step_randomness(batch, batch_idx, "train").uniform().tolist()
+
+    draws = [value for step in range(3) for batch_idx in range(step * 256, step * 256 + 256) for value in first_draws(step, 0, batch_idx)]
+    assert len(set(draws)) == len(draws) == 3 * 256 * 4
+    one_rank = first_draws(5, 0, 7) + first_draws(5, 1, 7)  # ranks 0 and 1 of 4 pairs each: global pairs 0-7
+    module._trainer = SimpleNamespace(accumulate_grad_batches=256, global_step=5, global_rank=0)
+    assert module.step_randomness({"prompt": ["a"] * 8}, 7, "train").uniform().tolist() == one_rank
+    module._trainer = None
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
@@ -54,7 +74,7 @@ def test_only_trainable_parameters_receive_gradients(sd_backbone, finetune):
     if finetune == "lora":
         perturb_lora(module)
     batch = next(iter(loader()))
-    random = PairRandomness.seeded(0, 0, len(batch["prompt"]))
+    random = PairRandomness.for_pairs((0,), range(len(batch["prompt"])))
     pairs = module.prepare_pairs(batch, random)
     errors = module.pair_errors(module.noise_pairs(pairs, random), pairs.conditioning, batch)
     loss, _ = module.compute_loss(errors, batch)
@@ -169,9 +189,9 @@ def test_missing_batch_field_is_a_clear_error(tmp_path, sd_backbone):
     module = DiffusionDPO(sd_backbone)
     batch = {"pixels_w": torch.zeros(2, 3, 16, 16), "prompt": ["a", "b"]}
     with pytest.raises(KeyError, match="'pixels_l'.*DataModule"):
-        module.prepare_pairs(batch, PairRandomness.seeded(0, 0, 2))
+        module.prepare_pairs(batch, PairRandomness.for_pairs((0,), range(2)))
     with pytest.raises(KeyError, match="no 'prompt' field"):
-        module.prepare_pairs({"pixels_w": batch["pixels_w"], "pixels_l": batch["pixels_w"]}, PairRandomness.seeded(0, 0, 2))
+        module.prepare_pairs({"pixels_w": batch["pixels_w"], "pixels_l": batch["pixels_w"]}, PairRandomness.for_pairs((0,), range(2)))
 
 
 def test_method_refuses_a_backbone_it_is_not_defined_for(sd_backbone):

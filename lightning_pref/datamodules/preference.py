@@ -19,7 +19,8 @@ import numpy as np
 
 from lightning_pref.datamodules.media import MediaDecoder
 from lightning_pref.datamodules.shards import PAIR_ROLES
-from lightning_pref.datamodules.streaming import SampleDecoder, ShardDataModule, unit_hash
+from lightning_pref.datamodules.streaming import SampleDecoder, ShardDataModule
+from lightning_pref.seeding import unit_hash
 
 
 class PairDecoder(SampleDecoder):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import itertools
 import json
 import logging
@@ -66,12 +65,6 @@ def expand_shards(spec: str) -> list[str]:
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) of {spec!r} do not exist, e.g. {missing[0]!r}: check the pattern.")
     return paths
-
-
-def unit_hash(*parts: Any) -> float:
-    """A uniform number in [0, 1) from ``parts``, identical in every process and run (unlike ``hash``)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
 
 
 def parse_user_id(value: Any) -> int:

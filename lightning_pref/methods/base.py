@@ -39,7 +39,7 @@ import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -55,6 +55,7 @@ from lightning_pref.losses import (
     loser_gradient_scale,
     scale_gradient,
 )
+from lightning_pref.seeding import stream_seed
 from lightning_pref.strategies import fully_shard_blocks, shard_reference
 
 
@@ -69,19 +70,19 @@ def batch_size_of(batch: dict[str, Any]) -> int:
 class PairRandomness:
     """The random draws of one step, one seeded stream per pair of the *global* batch.
 
-    Pair ``i`` of the global batch draws from ``torch.Generator().manual_seed(f(seed, step, i))``, whatever rank
-    it lands on: one process with a global batch of ``B`` and ``N`` processes with ``B / N`` each draw the same
-    timesteps, noise, caption dropout and VAE posterior samples, so their losses agree. A resumed run draws
-    what the uninterrupted run would have.
+    Pair ``i`` of the global batch draws from ``torch.Generator().manual_seed(stream_seed(*stream, i))``, whatever
+    rank it lands on (:func:`~lightning_pref.seeding.stream_seed`): one process with a global batch of ``B`` and
+    ``N`` processes with ``B / N`` each draw the same timesteps, noise, caption dropout and VAE posterior
+    samples, so their losses agree. A resumed run draws what the uninterrupted run would have.
     """
 
     def __init__(self, generators: list[torch.Generator]):
         self.generators = generators
 
     @classmethod
-    def seeded(cls, stream: int, first_pair: int, num_pairs: int) -> "PairRandomness":
-        seeds = ((stream * 1_000_000_007 + first_pair + i) % (2**63) for i in range(num_pairs))
-        return cls([torch.Generator().manual_seed(seed) for seed in seeds])
+    def for_pairs(cls, stream: tuple[Any, ...], pairs: Iterable[int]) -> "PairRandomness":
+        """One generator per global pair index in ``pairs``, for the stream named ``stream``."""
+        return cls([torch.Generator().manual_seed(stream_seed(*stream, pair)) for pair in pairs])
 
     def __len__(self) -> int:
         return len(self.generators)
@@ -334,14 +335,17 @@ class PreferenceDiffusionModule(pl.LightningModule):
         return loss
 
     def step_randomness(self, batch: dict[str, Any], batch_idx: int, stage: str) -> PairRandomness:
-        """Per-pair streams seeded by (seed, step, micro-batch, the pair's index in the global batch)."""
+        """Per-pair streams named (seed, stage, optimizer step, micro-batch, the pair's index in the global batch).
+
+        Validation names its streams by batch alone, so every evaluation draws the same noise.
+        """
         if stage == "train":
-            micro_batch = batch_idx % self.trainer.accumulate_grad_batches
-            position = (self.global_step * 64 + micro_batch) * 2
-        else:  # validation draws the same noise at every evaluation
-            position = batch_idx * 2 + 1
+            stream = (self.seed, stage, self.global_step, batch_idx % self.trainer.accumulate_grad_batches)
+        else:
+            stream = (self.seed, stage, batch_idx)
         num_pairs = batch_size_of(batch)
-        return PairRandomness.seeded(self.seed * 1_000_003 + position, self.global_rank * num_pairs, num_pairs)
+        first = self.global_rank * num_pairs
+        return PairRandomness.for_pairs(stream, range(first, first + num_pairs))
 
     def prepare_pairs(self, batch: dict[str, Any], random: PairRandomness) -> PreferencePairs:
         """Clean latents of winners and losers and the (caption-dropped) prompt conditioning."""
