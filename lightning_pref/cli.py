@@ -1,14 +1,19 @@
-"""The ``lightning-pref`` command: LightningCLI (fit, validate, ...) plus ``data``, ``plan`` and ``export``.
+"""The ``lightning-pref`` command: LightningCLI (``fit``, ``validate``) plus ``data``, ``plan`` and ``export``.
 
     lightning-pref fit --config examples/quickstart.yaml
     lightning-pref fit --config x.yaml --model.init_args.beta 2000 --trainer.max_steps 100
+    lightning-pref fit --config x.yaml --ckpt_path run/checkpoints/last.ckpt      # resume with this config
     lightning-pref fit --print_config
     lightning-pref data toy --out data/toy
     lightning-pref export --config run/config.yaml --checkpoint run/checkpoints/last.ckpt --out tuned
+
+An error the user can fix (:mod:`lightning_pref.errors`) is printed as one line naming the key, file or
+field and the fix, with exit status 2; ``LIGHTNING_PREF_DEBUG=1`` shows its traceback.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import lightning.pytorch as pl
@@ -17,7 +22,20 @@ from lightning.pytorch.cli import LightningCLI
 import lightning_pref.callbacks  # noqa: F401  (registers short class names for configs)
 import lightning_pref.datamodules  # noqa: F401
 import lightning_pref.methods  # noqa: F401
+from lightning_pref.errors import UserError
 from lightning_pref.methods.base import PreferenceDiffusionModule
+
+USAGE = """usage: lightning-pref COMMAND [options]
+
+commands:
+  fit        train a method from a YAML config (LightningCLI: --config, --print_config, --ckpt_path)
+  validate   evaluate a config (and a checkpoint) on its validation shards
+  data       write preference shards: pickapic, pairs, video-pairs, precompute, toy
+  plan       per-GPU memory of a preference run, before renting the GPUs
+  export     a training checkpoint to a diffusers model or LoRA
+
+`lightning-pref COMMAND --help` describes each command.
+"""
 
 
 def quiet_libraries() -> None:
@@ -31,7 +49,12 @@ def quiet_libraries() -> None:
 
 class PreferenceCLI(LightningCLI):
     """LightningCLI in subclass mode: ``model`` and ``data`` are chosen by ``class_path``, including classes
-    defined in a user's own module (``class_path: my_package.MyMethod``)."""
+    defined in a user's own module (``class_path: my_package.MyMethod``).
+
+    With ``--ckpt_path`` the run uses the config it is given: LightningCLI's default would silently replace the
+    model's options by the checkpoint's hyper-parameters. The module compares the two when it loads the
+    checkpoint (:meth:`~lightning_pref.methods.base.PreferenceDiffusionModule.on_load_checkpoint`).
+    """
 
     def __init__(self, args: list[str] | None = None, **kwargs):
         super().__init__(
@@ -45,27 +68,60 @@ class PreferenceCLI(LightningCLI):
             **kwargs,
         )
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` and ``validate``: a preference module defines no test or predict step."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the given config (see the class docstring)."""
+
+
+def user_error_in(error: BaseException) -> UserError | None:
+    """The user error behind ``error``: itself, or one in its chain of causes (jsonargparse wraps the errors
+    of a class's ``__init__`` in its own ``ValueError``)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def run(args: list[str] | None) -> None:
+    """Dispatch a command; ``None`` reads the command line (LightningCLI parses ``sys.argv`` itself)."""
+    words = sys.argv[1:] if args is None else args
+    if not words or words[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return
+    if words[0] == "data":
+        from lightning_pref.data_commands import data_main
+
+        data_main(words[1:])
+    elif words[0] == "plan":
+        from lightning_pref.plan import plan_main
+
+        plan_main(words[1:])
+    elif words[0] == "export":
+        from lightning_pref.export import export_main
+
+        export_main(words[1:])
+    else:
+        PreferenceCLI(args=args)
+
 
 def main(args: list[str] | None = None) -> None:
     """Entry point; ``args`` defaults to the command line."""
     quiet_libraries()
-    words = sys.argv[1:] if args is None else list(args)
-    if words and words[0] == "data":
-        from lightning_pref.data_commands import data_main
-
-        data_main(words[1:])
-        return
-    if words and words[0] == "plan":
-        from lightning_pref.plan import plan_main
-
-        plan_main(words[1:])
-        return
-    if words and words[0] == "export":
-        from lightning_pref.export import export_main
-
-        export_main(words[1:])
-        return
-    PreferenceCLI(args=args)
+    try:
+        run(None if args is None else list(args))
+    except Exception as error:
+        found = user_error_in(error)
+        if found is None or os.environ.get("LIGHTNING_PREF_DEBUG"):
+            raise
+        print(f"lightning-pref: error: {' '.join(str(found).split())}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

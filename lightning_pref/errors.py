@@ -28,3 +28,7 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read safely, or that does not match the run resuming from it."""
+
+
+class TrainingError(UserError, RuntimeError):
+    """A run that cannot go on: a NaN or infinite loss, gradient or weight (the message names step and term)."""

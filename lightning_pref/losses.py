@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from lightning_pref.errors import ConfigError
 
 PreferenceLossKind = Literal["sigmoid", "hinge", "ipo"]
 
@@ -65,11 +66,11 @@ def preference_loss(
 def check_preference_loss_options(kind: str, label_smoothing: float = 0.0) -> None:
     """Raise a clear error for an unknown loss kind or a label smoothing it cannot take."""
     if kind not in ("sigmoid", "hinge", "ipo"):
-        raise ValueError(f"Unknown preference loss kind {kind!r}: choose one of 'sigmoid', 'hinge', 'ipo'.")
+        raise ConfigError(f"Unknown preference loss kind {kind!r}: choose one of 'sigmoid', 'hinge', 'ipo'.")
     if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing={label_smoothing}: use a value in [0, 0.5).")
+        raise ConfigError(f"label_smoothing={label_smoothing}: use a value in [0, 0.5).")
     if label_smoothing and kind != "sigmoid":
-        raise ValueError(f"label_smoothing applies to loss kind 'sigmoid' only, not {kind!r}.")
+        raise ConfigError(f"label_smoothing applies to loss kind 'sigmoid' only, not {kind!r}.")
 
 
 def pairwise_metrics(
@@ -185,16 +186,16 @@ def check_importance_options(
 ) -> None:
     """Raise a clear error for importance-weighting options out of range (DPO-C&M, SDPO)."""
     if mask_threshold is not None and not 0.0 <= mask_threshold <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"mask_threshold={mask_threshold}: the expected importance weight lies in [0, 1]; use a threshold "
             "in [0, 1] (0.9 in the paper), or null for no mask."
         )
     if clip_eps is not None and not 0.0 < clip_eps < 1.0:
-        raise ValueError(f"clip_eps={clip_eps}: weights clip to [1 - eps, 1 + eps]; use eps in (0, 1) (default 0.2).")
+        raise ConfigError(f"clip_eps={clip_eps}: weights clip to [1 - eps, 1 + eps]; use eps in (0, 1) (default 0.2).")
     if margin_clip is not None and margin_clip <= 0:
-        raise ValueError(f"margin_clip={margin_clip}: use a positive bound on |u|, or null for no clipping.")
+        raise ConfigError(f"margin_clip={margin_clip}: use a positive bound on |u|, or null for no clipping.")
     if placement not in ("inside", "outside"):
-        raise ValueError(f"weight_placement={placement!r}: choose 'inside' or 'outside'.")
+        raise ConfigError(f"weight_placement={placement!r}: choose 'inside' or 'outside'.")
 
 
 def dpo_clip_mask_loss(
@@ -299,7 +300,7 @@ def sdpo_loss(
 def check_dmpo_alpha(alpha: float) -> None:
     """DMPO needs ``0 < alpha < 1``, and not so small that ``log(alpha)`` swamps the loss."""
     if not 1e-6 <= alpha < 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"alpha={alpha}: DMPO's target is Bernoulli(1 - alpha), so alpha must lie in [1e-6, 1) -- alpha <= 0 "
             "turns the loss into an unbounded -log sigmoid(u) and tiny values make log(alpha) blow up. Use e.g. "
             "alpha: 0.01 (the default)."
@@ -482,15 +483,15 @@ def mapo_loss(
 def check_safeguard_options(mu: float, scope: str) -> None:
     """Raise a clear error for a safeguard margin or scope out of range."""
     if not 0.0 <= mu <= 1.0:
-        raise ValueError(f"safeguard_mu={mu}: use a value in [0, 1] (0.9 in the authors' scripts).")
+        raise ConfigError(f"safeguard_mu={mu}: use a value in [0, 1] (0.9 in the authors' scripts).")
     if scope not in ("batch", "pair"):
-        raise ValueError(f"safeguard_scope={scope!r}: choose 'batch' (the official code) or 'pair'.")
+        raise ConfigError(f"safeguard_scope={scope!r}: choose 'batch' (the official code) or 'pair'.")
 
 
 def check_entropy_gamma(gamma: float) -> None:
     """SEE-DPO's ``gamma`` must be non-negative (0 turns the regulariser off)."""
     if gamma < 0:
-        raise ValueError(f"entropy_gamma={gamma}: use gamma >= 0 (gamma / beta in 0.05..0.5 to start; 0 = off).")
+        raise ConfigError(f"entropy_gamma={gamma}: use gamma >= 0 (gamma / beta in 0.05..0.5 to start; 0 = off).")
 
 
 def loser_gradient_scale(

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from lightning_pref.errors import ConfigError
 
 GIB = 2**30
 STRATEGIES = ("ddp", "zero2", "zero2_offload", "zero3", "zero3_offload")
@@ -122,19 +123,19 @@ def load_config(path: str) -> dict[str, Any]:
     """A diffusers ``config.json``; errors name ``--config``."""
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"--config {path}: no such file (give a diffusers transformer/config.json)")
+        raise ConfigError(f"--config {path}: no such file (give a diffusers transformer/config.json)")
     try:
         config = json.loads(file.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"--config {path}: not JSON ({error})") from None
+        raise ConfigError(f"--config {path}: not JSON ({error})") from None
     if not isinstance(config, dict) or "_class_name" not in config:
-        raise ValueError(f"--config {path}: no '_class_name' (give a diffusers model's config.json)")
+        raise ConfigError(f"--config {path}: no '_class_name' (give a diffusers model's config.json)")
     return config
 
 
 def preset_config(name: str) -> dict[str, Any]:
     if name not in PRESETS:
-        raise ValueError(f"--model {name!r}: unknown; choose from {', '.join(PRESETS)}, or pass --config")
+        raise ConfigError(f"--model {name!r}: unknown; choose from {', '.join(PRESETS)}, or pass --config")
     return PRESETS[name]
 
 
@@ -159,7 +160,7 @@ def build_on_meta(config: dict[str, Any], dtype: torch.dtype = torch.bfloat16) -
 
     model_class = getattr(diffusers, config["_class_name"], None)
     if not (isinstance(model_class, type) and issubclass(model_class, diffusers.ModelMixin)):
-        raise ValueError(f"--config: _class_name {config['_class_name']!r} is not a diffusers model class")
+        raise ConfigError(f"--config: _class_name {config['_class_name']!r} is not a diffusers model class")
     with torch.device("meta"):
         model = model_class.from_config(config)
     return to_training_dtype(model, dtype).train()
@@ -382,7 +383,7 @@ def model_states(trained: int, largest_trained_layer: int, strategy: str, gpus_p
             trained, largest_trained_layer, gpus_per_node, nodes, cpu_offload=offload, cpu_offload_params=offload
         )
     else:
-        raise ValueError(f"--strategy {strategy!r}: choose from {', '.join(STRATEGIES)}")
+        raise ConfigError(f"--strategy {strategy!r}: choose from {', '.join(STRATEGIES)}")
     return gpu, cpu
 
 
@@ -434,9 +435,9 @@ def plan_memory(model: str, config: dict[str, Any], finetune: str, strategy: str
     for option, value, choices in (("--finetune", finetune, FINETUNES), ("--strategy", strategy, STRATEGIES),
                                    ("--objective", objective, OBJECTIVES)):
         if value not in choices:
-            raise ValueError(f"{option} {value!r}: choose from {', '.join(choices)}")
+            raise ConfigError(f"{option} {value!r}: choose from {', '.join(choices)}")
     if gpus_per_node < 1 or nodes < 1 or pairs_per_gpu < 1:
-        raise ValueError("--gpus, --nodes and --batch-size must be at least 1")
+        raise ConfigError("--gpus, --nodes and --batch-size must be at least 1")
     recipe = INPUT_RECIPES.get(config["_class_name"])
     shape = shape or (recipe.default_shape(config) if recipe else None)
     samples = pairs_per_gpu * (2 if objective == "dpo" else 1)
@@ -541,7 +542,7 @@ def plan_main(args: list[str]) -> None:
     plans, descriptions = [], []
     try:
         if options.config and options.model:
-            raise ValueError("--config and --model: give one of them")
+            raise ConfigError("--config and --model: give one of them")
         models = ({options.config: load_config(options.config)} if options.config
                   else {name: preset_config(name) for name in options.model or PRESETS})
         targets = tuple(options.lora_targets)

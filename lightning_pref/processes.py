@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from diffusers import CogVideoXDDIMScheduler, DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
+from lightning_pref.errors import ConfigError
 
 
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:
@@ -39,7 +40,7 @@ class NoiseProcess:
     def __init__(self, timestep_range: tuple[float, float] = (0.0, 1.0)):
         low, high = timestep_range
         if not 0.0 <= low < high <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"timestep_range={timestep_range}: need 0 <= low < high <= 1 (fractions of the schedule)."
             )
         self.timestep_range = (float(low), float(high))
@@ -136,7 +137,7 @@ class NoiseProcess:
             tensor([1.0000, 0.9045])
         """
         if estimator not in ("expected", "sampled"):
-            raise ValueError(f"weight_estimator={estimator!r}: choose 'expected' or 'sampled'.")
+            raise ConfigError(f"weight_estimator={estimator!r}: choose 'expected' or 'sampled'.")
         t = t.detach().cpu()
         error = squared_error.detach().to("cpu", torch.float64)
         coefficient = self.importance_coefficient(t, step)
@@ -186,12 +187,12 @@ class DDPMProcess(NoiseProcess):
         self.scheduler_config = dict(scheduler.config)
         self.prediction_type = scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(
+            raise ConfigError(
                 f"prediction_type={self.prediction_type!r} in the scheduler config is not supported: "
                 "use 'epsilon' or 'v_prediction'."
             )
         if error_weighting not in ("constant", "min_snr"):
-            raise ValueError(f"error_weighting={error_weighting!r}: choose 'constant' or 'min_snr'.")
+            raise ConfigError(f"error_weighting={error_weighting!r}: choose 'constant' or 'min_snr'.")
         self.error_weighting = error_weighting
         self.min_snr_gamma = min_snr_gamma
         self.num_train_timesteps = scheduler.config.num_train_timesteps
@@ -242,7 +243,7 @@ class DDPMProcess(NoiseProcess):
     def previous_time(self, t: Tensor, step: float | None = None) -> Tensor:
         """``t - step`` in integer steps (default 1, the training chain); ``-1`` stands for the clean sample."""
         if step is not None and (step < 1 or step != int(step)):
-            raise ValueError(f"importance_step={step}: DDPM steps are whole training steps; use 1, 2, ... (or null).")
+            raise ConfigError(f"importance_step={step}: DDPM steps are whole training steps; use 1, 2, ... (or null).")
         return (t.cpu().long() - int(step or 1)).clamp(min=-1)
 
     def x0_error_scale(self, t: Tensor) -> Tensor:
@@ -278,9 +279,9 @@ class FlowMatchingProcess(NoiseProcess):
     ):
         super().__init__(timestep_range)
         if time_sampling not in ("uniform", "logit_normal"):
-            raise ValueError(f"time_sampling={time_sampling!r}: choose 'uniform' or 'logit_normal'.")
+            raise ConfigError(f"time_sampling={time_sampling!r}: choose 'uniform' or 'logit_normal'.")
         if error_weighting not in ("constant", "eps_equivalent"):
-            raise ValueError(f"error_weighting={error_weighting!r}: choose 'constant' or 'eps_equivalent'.")
+            raise ConfigError(f"error_weighting={error_weighting!r}: choose 'constant' or 'eps_equivalent'.")
         self.num_train_timesteps = num_train_timesteps
         self.shift = shift
         self.time_sampling = time_sampling
@@ -339,7 +340,7 @@ class FlowMatchingProcess(NoiseProcess):
         posterior's, ``2 s ds / (1 - s) + O(ds^2)``: our choice, which makes DDPM a special case of one formula.
         """
         if step is not None and not 0 < step <= 1:
-            raise ValueError(f"importance_step={step}: a flow step is a fraction of the schedule in (0, 1] (or null).")
+            raise ConfigError(f"importance_step={step}: a flow step is a fraction of the schedule in (0, 1] (or null).")
         return (t.cpu().double() - (step if step is not None else 1.0 / self.num_train_timesteps)).clamp(min=0.0)
 
     def x0_error_scale(self, t: Tensor) -> Tensor:

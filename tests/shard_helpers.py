@@ -1,5 +1,6 @@
-"""Reading shards back in tests: every sample's files, by key, in shard and file order."""
+"""Shards in tests: reading every sample's files back, and appending raw (possibly broken) members."""
 
+import io
 import tarfile
 
 
@@ -12,3 +13,12 @@ def read_samples(out_dir):
                 key, field = member.name.split(".", 1)
                 samples.setdefault(key, {})[field] = tar.extractfile(member).read()
     return list(samples.values())
+
+
+def append_members(shard, members):
+    """Append ``(name, payload bytes)`` members to an existing tar shard."""
+    with tarfile.open(shard, "a") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))

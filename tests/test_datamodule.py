@@ -11,7 +11,9 @@ import torch
 
 from lightning_pref.datamodules import PickAPicDataModule, PreferenceDataModule, write_preference_shards
 from lightning_pref.datamodules.media import Geometry
+from lightning_pref.errors import DataError
 from lightning_pref.seeding import unit_hash
+from shard_helpers import append_members
 from lightning_pref.methods import DiffusionDPO
 
 WHITE, BLACK = np.full((8, 8, 3), 255, dtype=np.uint8), np.zeros((8, 8, 3), dtype=np.uint8)
@@ -19,14 +21,6 @@ WHITE, BLACK = np.full((8, 8, 3), 255, dtype=np.uint8), np.zeros((8, 8, 3), dtyp
 
 def white_wins(num, **metadata):
     return [{"winner": WHITE, "loser": BLACK, "caption": f"pair {i}", **{k: v(i) for k, v in metadata.items()}} for i in range(num)]
-
-
-def append_members(shard, members):
-    with tarfile.open(shard, "a") as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
 
 
 def test_streams_fixed_batch_count_with_pixels_in_range(tiny_shards):
@@ -37,7 +31,9 @@ def test_streams_fixed_batch_count_with_pixels_in_range(tiny_shards):
     assert batch["pixels_w"].shape == batch["pixels_l"].shape == (4, 3, 16, 16)
     assert batch["pixels_w"].min() >= -1 and batch["pixels_w"].max() <= 1
     assert all(prompt.startswith("a red cat") for prompt in batch["prompt"])
-    assert batch["user_id"].tolist() == [-1] * 4 and batch["skipped"].item() == 0
+    assert batch["user_id"].tolist() == [-1] * 4
+    assert set(batch) == {"pixels_w", "pixels_l", "prompt", "key", "user_id", "label_flipped"}  # no bookkeeping
+    assert data.skipped_samples == 0
     assert not batch["label_flipped"].any()
 
 
@@ -132,13 +128,13 @@ def test_skips_are_counted_across_worker_processes(tmp_path):
     data = PreferenceDataModule(str(tmp_path), val_shards=str(tmp_path), batch_size=2, num_workers=2)
     batches = list(data.loader(data.val_shards, False, num_workers=2))  # one worker per shard
     assert sum(len(batch["key"]) for batch in batches) == 8
-    assert data.skipped_samples == 2 == sum(int(batch["skipped"]) for batch in batches)
+    assert data.skipped_samples == 2
 
 
 def test_a_stream_of_only_bad_samples_fails_clearly(tmp_path):
     write_preference_shards([{"winner": WHITE, "loser": b"broken", "caption": "x"}] * 5, tmp_path)
     data = PreferenceDataModule(str(tmp_path), num_workers=0, max_consecutive_skips=20, batches_per_epoch=1)
-    with pytest.raises(RuntimeError, match="the last 20 samples were all skipped"):
+    with pytest.raises(DataError, match="the last 20 samples were all skipped"):
         next(iter(data.train_dataloader()))
 
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from conftest import random_pairs
 from lightning_pref.backbones import StableDiffusionBackbone
 from lightning_pref.cli import main as cli_main
+from lightning_pref.errors import DataError
 from lightning_pref.losses import dmpo_loss, entropy_regularized_reference, implicit_reward_margin
 from lightning_pref.methods import DMPO, SDPO, SEEDPO, SIPO, DiffusionDPO, DiffusionKTO, DPOClipMask, MaPO, PairRandomness
 from lightning_pref.processes import FlowMatchingProcess
@@ -163,7 +164,7 @@ def test_kto_on_unpaired_samples_draws_noise_per_sample_and_routes_labels(sd_bac
     torch.testing.assert_close(logged["desirable_reward"], reward[[0, 2]].mean())
     torch.testing.assert_close(logged["undesirable_reward"], reward[[1, 3]].mean())
     torch.testing.assert_close(loss, logged["loss"])
-    with pytest.raises(KeyError, match="without 'label'"):
+    with pytest.raises(DataError, match="without 'label'"):
         module.preference_step({"pixels": pixels, "prompt": batch["prompt"]}, 0, "train")
 
 

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from conftest import random_pairs
 from lightning_pref.backbones import StableDiffusionBackbone
+from lightning_pref.errors import CheckpointError, DataError
 from lightning_pref.methods import DiffusionDPO
 from lightning_pref.methods.base import PairRandomness, PreferenceDiffusionModule, PreferencePairs
 
@@ -181,16 +182,16 @@ def test_checkpoint_from_another_configuration_is_refused(tmp_path, tiny_sd):
     fit.fit(lora, loader(4))
     fit.save_checkpoint(tmp_path / "lora.ckpt")
     full = DiffusionDPO(StableDiffusionBackbone(str(tiny_sd)), finetune="full")
-    with pytest.raises(KeyError, match="different configuration"):
+    with pytest.raises(CheckpointError, match="finetune: 'lora' in the checkpoint, 'full' in the config"):
         trainer(tmp_path, 2).fit(full, loader(4), ckpt_path=tmp_path / "lora.ckpt")
 
 
 def test_missing_batch_field_is_a_clear_error(tmp_path, sd_backbone):
     module = DiffusionDPO(sd_backbone)
     batch = {"pixels_w": torch.zeros(2, 3, 16, 16), "prompt": ["a", "b"]}
-    with pytest.raises(KeyError, match="'pixels_l'.*DataModule"):
+    with pytest.raises(DataError, match="'pixels_l'.*DataModule"):
         module.prepare_pairs(batch, PairRandomness.for_pairs((0,), range(2)))
-    with pytest.raises(KeyError, match="no 'prompt' field"):
+    with pytest.raises(DataError, match="no 'prompt' field"):
         module.prepare_pairs({"pixels_w": batch["pixels_w"], "pixels_l": batch["pixels_w"]}, PairRandomness.for_pairs((0,), range(2)))
 
 

@@ -11,6 +11,7 @@ from lightning_pref.data_commands import data_main
 from lightning_pref.datamodules import PreferenceDataModule, VideoPreferenceDataModule
 from lightning_pref.datamodules.media import encode_video
 from lightning_pref.datamodules.pairs import PairColumns, convert_pair_table, convert_videodpo
+from lightning_pref.errors import DataError, MissingFileError
 from shard_helpers import read_samples
 
 
@@ -37,7 +38,7 @@ def test_ordered_json_table_of_images(image_folder, tmp_path):
             {"winner": "broken.png", "loser": "dark.png", "caption": "broken"}]
     (image_folder / "pairs.json").write_text(json.dumps(rows))
     counts = convert_pair_table(image_folder / "pairs.json", tmp_path / "out")
-    assert counts == {"rows": 3, "written": 1, "ties_dropped": 0, "unreadable": 2}
+    assert counts == {"rows": 3, "written": 1, "ties_dropped": 0, "unreadable": 2, "rejected_captions": 0}
     (sample,) = read_samples(tmp_path / "out")
     assert sample["winner.jpg"] == (image_folder / "bright.jpg").read_bytes()  # copied, not re-encoded
     metadata = json.loads(sample["json"])
@@ -54,7 +55,7 @@ def test_labelled_csv_with_a_root_and_the_command_line(image_folder, tmp_path, c
     ])
     data_main(["pairs", "--table", str(tmp_path / "pairs.csv"), "--root", str(image_folder), "--out", str(tmp_path / "out"),
                "--first-column", "image_0", "--second-column", "image_1", "--label-column", "choice"])
-    assert json.loads(capsys.readouterr().out) == {"rows": 3, "written": 2, "ties_dropped": 1, "unreadable": 0}
+    assert json.loads(capsys.readouterr().out) == {"rows": 3, "written": 2, "ties_dropped": 1, "unreadable": 0, "rejected_captions": 0}
     samples = read_samples(tmp_path / "out")
     assert [json.loads(s["json"])["swapped"] for s in samples] == [True, False]
     assert all(s["winner.jpg"] == (image_folder / "bright.jpg").read_bytes() for s in samples)
@@ -62,11 +63,11 @@ def test_labelled_csv_with_a_root_and_the_command_line(image_folder, tmp_path, c
 
 def test_table_errors_name_the_column_and_the_fix(image_folder, tmp_path):
     write_csv(tmp_path / "bad.csv", [{"a": "bright.jpg", "b": "dark.png", "caption": "x", "label": "C"}])
-    with pytest.raises(KeyError, match=r"no column\(s\) \['winner', 'loser'\].*--first-column"):
+    with pytest.raises(DataError, match=r"no column\(s\) \['winner', 'loser'\].*--first-column"):
         convert_pair_table(tmp_path / "bad.csv", tmp_path / "out", image_folder)
-    with pytest.raises(ValueError, match=r"bad.csv, row 0: label=.C.: use A .* B .* or same"):
+    with pytest.raises(DataError, match=r"bad.csv, row 0: label=.C.: use A .* B .* or same"):
         convert_pair_table(tmp_path / "bad.csv", tmp_path / "out", image_folder, columns=PairColumns(first="a", second="b", label="label"))
-    with pytest.raises(FileNotFoundError, match="check --root"):  # the files are not in tmp_path itself
+    with pytest.raises(MissingFileError, match="check --root"):  # the files are not in tmp_path itself
         convert_pair_table(tmp_path / "bad.csv", tmp_path / "out", tmp_path, columns=PairColumns(winner="a", loser="b"))
 
 
@@ -91,7 +92,7 @@ def test_videoalign_csv(tmp_path):
     data = VideoPreferenceDataModule(str(tmp_path / "out"), val_shards=str(tmp_path / "out"), num_frames=4, batch_size=2, num_workers=0)
     batch = next(iter(data.val_dataloader()))
     assert batch["pixels_w"].shape == (2, 3, 4, 16, 16) and (batch["pixels_w"] > batch["pixels_l"]).all()
-    with pytest.raises(KeyError, match="--label-column"):
+    with pytest.raises(DataError, match="--label-column"):
         data_main(["video-pairs", "--source", str(tmp_path / "train.csv"), "--out", str(tmp_path / "x"), "--label-column", "Overal"])
 
 
@@ -112,5 +113,5 @@ def test_videodpo_directory(tmp_path):
     samples = read_samples(tmp_path / "out")
     assert samples[0]["winner.mp4"] == (tmp_path / "winvideos" / "000000.mp4").read_bytes()
     assert json.loads(samples[1]["json"])["score"] == 0.9
-    with pytest.raises(FileNotFoundError, match="metadata.json is missing: a VideoDPO directory holds"):
+    with pytest.raises(MissingFileError, match="metadata.json is missing: a VideoDPO directory holds"):
         convert_videodpo(tmp_path / "winvideos", tmp_path / "x")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from lightning_pref.datamodules import PreferenceDataModule
 from lightning_pref.datamodules.pickapic import convert_pickapic
+from lightning_pref.errors import DataError, MissingFileError
 from shard_helpers import read_samples
 
 
@@ -49,7 +50,8 @@ def parquet_dir(tmp_path):
 
 def test_winner_first_ties_dropped_corrupt_skipped_and_counted(parquet_dir, tmp_path):
     totals = convert_pickapic(parquet_dir, tmp_path / "out")
-    assert totals == {"rows": 5, "written": 2, "ties_dropped": 1, "unlabelled": 1, "identical": 0, "corrupt": 1}
+    assert totals == {"rows": 5, "written": 2, "ties_dropped": 1, "unlabelled": 1, "identical": 0, "corrupt": 1,
+                      "rejected_labels": 0, "rejected_captions": 0}
     samples = read_samples(tmp_path / "out")
     metadata = [json.loads(sample["json"]) for sample in samples]
     assert [m["caption"] for m in metadata] == ["image 0 wins", "image 1 wins"]
@@ -70,23 +72,40 @@ def test_tie_policies(parquet_dir, tmp_path, ties, written):
 
 
 def test_rerun_skips_finished_files(parquet_dir, tmp_path):
-    first = convert_pickapic(parquet_dir, tmp_path / "out")
-    (tmp_path / "out" / "train-0-000000.tar").write_bytes(b"")  # a finished file is not redone ...
-    assert convert_pickapic(parquet_dir, tmp_path / "out") == first
-    assert (tmp_path / "out" / "train-0-000000.tar").read_bytes() == b""
-    (tmp_path / "out" / "train-0.done.json").unlink()  # ... an unfinished one is
-    assert convert_pickapic(parquet_dir, tmp_path / "out") == first
-    assert len(read_samples(tmp_path / "out")) == 2
+    out = tmp_path / "out"
+    first = convert_pickapic(parquet_dir, out)
+    (out / "train-0-000000.tar").write_bytes(b"")  # a finished file is not redone ...
+    assert convert_pickapic(parquet_dir, out) == first
+    assert (out / "train-0-000000.tar").read_bytes() == b""
+    (out / "train-0-000000.tar").unlink()  # ... an interrupted one is: its .partial folder is replaced
+    (out / "train-0.done.json").unlink()
+    (out / "train-0.partial").mkdir()
+    (out / "train-0.partial" / "train-0-000000.tar").write_bytes(b"half a shard")
+    assert convert_pickapic(parquet_dir, out) == first
+    assert len(read_samples(out)) == 2
+    assert sorted(path.name for path in out.iterdir()) == ["train-0-000000.tar", "train-0.done.json"]
+
+
+def test_a_shard_the_file_did_not_write_is_never_overwritten(parquet_dir, tmp_path):
+    out = tmp_path / "out"
+    convert_pickapic(parquet_dir, out)
+    (out / "train-0.done.json").unlink()  # the shard is no longer known to be train-0.parquet's
+    with pytest.raises(DataError, match=r"train-0-000000.tar exists but was not written for .*train-0.parquet: move it out"):
+        convert_pickapic(parquet_dir, out)
+    assert len(read_samples(out)) == 2
+    (out / "train-0-000000.tar").unlink()  # moved away: the rerun publishes the finished conversion it kept
+    assert convert_pickapic(parquet_dir, out)["written"] == 2
+    assert sorted(path.name for path in out.iterdir()) == ["train-0-000000.tar", "train-0.done.json"]
 
 
 def test_missing_column_is_a_clear_error(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"caption": "x", "jpg_0": b"", "label_0": 1.0}]), tmp_path / "bad.parquet")
-    with pytest.raises(KeyError, match=r"bad.parquet lacks the Pick-a-Pic column\(s\) \['jpg_1', 'label_1'\]"):
+    with pytest.raises(DataError, match=r"bad.parquet lacks the Pick-a-Pic column\(s\) \['jpg_1', 'label_1'\]"):
         convert_pickapic(tmp_path / "bad.parquet", tmp_path / "out")
 
 
 def test_no_parquet_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="No parquet file"):
+    with pytest.raises(MissingFileError, match="No parquet file"):
         convert_pickapic(tmp_path / "nothing-*.parquet", tmp_path / "out")
 
 
@@ -97,3 +116,14 @@ def test_command_line(parquet_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["written"] == 2
+
+
+def test_a_command_that_keeps_nothing_fails_in_one_line(tmp_path):
+    pq.write_table(pa.Table.from_pylist([row("a tie", 0.5)]), tmp_path / "ties.parquet")
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_pref.cli", "data", "pickapic", "--source", str(tmp_path / "ties.parquet"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "ties.parquet kept no pair (1 row(s), of which 1 ties_dropped): --ties keep" in result.stderr
+    assert list((tmp_path / "out").iterdir()) == []

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_pref.processes import NoiseProcess
+from lightning_pref.errors import DataError
 
 Conditioning = dict[str, Tensor]
 
@@ -48,6 +49,8 @@ class Backbone(nn.Module):
     denoiser: nn.Module
     process: NoiseProcess
     prompt_keys: tuple[str, ...] = ("encoder_hidden_states",)
+    #: the dimension of a latent batch that holds the channels (CogVideoX's latents are frames first)
+    channel_dim: int = 1
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     gradient_checkpointing_by_default: bool = False
 
@@ -71,22 +74,84 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def conditioning_for(self, batch: dict[str, Any]) -> Conditioning:
-        """Conditioning of a batch: precomputed tensors when present, else encoded from ``batch['prompt']``."""
+        """Conditioning of a batch: precomputed tensors when present (checked against this backbone's text
+        encoders), else encoded from ``batch['prompt']``."""
         if all(key in batch for key in self.prompt_keys):
-            return {key: batch[key] for key in self.prompt_keys}
+            conditioning = {key: batch[key] for key in self.prompt_keys}
+            for key, width in self.conditioning_widths().items():
+                if conditioning[key].shape[-1] != width:
+                    raise DataError(
+                        f"the batch's precomputed '{key}' is {conditioning[key].shape[-1]} wide, but "
+                        f"{type(self).__name__}'s denoiser takes {width}: the shards were precomputed with another "
+                        "model; rerun `lightning-pref data precompute` with this backbone."
+                    )
+            return conditioning
         if "prompt" not in batch:
-            raise KeyError(
+            raise DataError(
                 "The batch has no 'prompt' field and no precomputed conditioning "
                 f"({', '.join(self.prompt_keys)}): give the DataModule a caption field, or precompute "
                 "the embeddings with `lightning-pref data precompute`."
             )
         return self.encode_prompts(list(batch["prompt"]))
 
+    def empty_conditioning(self) -> Conditioning:
+        """The empty prompt's conditioning (caption dropout), encoded once per device."""
+        cached = getattr(self, "_empty_conditioning", None)
+        if cached is None or next(iter(cached.values())).device != self.device:
+            cached = self.encode_prompts([""])
+            object.__setattr__(self, "_empty_conditioning", cached)  # a cache, not a submodule or a buffer
+        return cached
+
+    def conditioning_widths(self) -> dict[str, int]:
+        """The last dimension the denoiser takes of each prompt tensor, read from its config (no encoder runs)."""
+        config = self.denoiser.config
+        for name in ("cross_attention_dim", "joint_attention_dim", "text_embed_dim", "text_dim"):
+            if isinstance(config.get(name), int):
+                return {"encoder_hidden_states": config[name]}
+        return {}
+
+    def spatial_multiple(self) -> int:
+        """What the latents' height and width must be multiples of: the UNet's downsampling, or the patch size."""
+        config = self.denoiser.config
+        if "block_out_channels" in config:
+            return 2 ** (len(config.block_out_channels) - 1)
+        patch = config.get("patch_size") or 1
+        return patch[-1] if isinstance(patch, (list, tuple)) else patch
+
+    def check_batch_media(self, name: str, media: Tensor, latents: bool) -> None:
+        """Refuse pixels or latents this backbone cannot take, in the config's terms (images vs videos,
+        latent channels, resolution), before they reach a convolution."""
+        expected = self.latent_shape(1)
+        kind = "videos" if len(expected) == 5 else "images"
+        if media.ndim != len(expected):
+            got = "videos" if media.ndim == 5 else "images" if media.ndim == 4 else f"{media.ndim}-d tensors"
+            raise DataError(
+                f"the batch's '{name}' are {got} {tuple(media.shape)}, but {type(self).__name__} trains on {kind}: use "
+                "a DataModule of the backbone's kind (VideoPreferenceDataModule for video models)."
+            )
+        if latents and media.shape[self.channel_dim] != expected[self.channel_dim]:
+            raise DataError(
+                f"the batch's '{name}' have {media.shape[self.channel_dim]} channels, but {type(self).__name__}'s "
+                f"denoiser takes {expected[self.channel_dim]}: the shards were precomputed with another model; rerun "
+                "`lightning-pref data precompute` with this backbone."
+            )
+        pixels_per_latent = getattr(self, "vae_scale_factor", None)  # image families; video VAEs check their inputs
+        if not latents and pixels_per_latent is None:
+            return
+        multiple = self.spatial_multiple() * (1 if latents else pixels_per_latent)
+        if any(side % multiple for side in media.shape[-2:]):
+            in_pixels = f" (a multiple of {self.spatial_multiple() * pixels_per_latent} pixels)" if pixels_per_latent else ""
+            raise DataError(
+                f"the batch's '{name}' are {tuple(media.shape[-2:])} {'latents' if latents else 'pixels'}, but "
+                f"{type(self).__name__} needs sides divisible by {multiple}: set the DataModule's `resolution`"
+                f"{in_pixels}, or precompute at such a resolution."
+            )
+
     def drop_prompts(self, conditioning: Conditioning, drop: Tensor) -> Conditioning:
         """Replace the prompt-derived conditioning of rows where ``drop`` is true by the empty prompt's."""
         if not drop.any():
             return conditioning
-        empty = self.encode_prompts([""])
+        empty = self.empty_conditioning()
         dropped = dict(conditioning)
         for key in self.prompt_keys:
             value = conditioning[key]

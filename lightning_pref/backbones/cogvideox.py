@@ -20,6 +20,7 @@ from transformers import T5EncoderModel
 from lightning_pref.backbones.base import Conditioning
 from lightning_pref.backbones.video import TextToVideoBackbone
 from lightning_pref.processes import DDPMProcess
+from lightning_pref.errors import ConfigError
 
 
 class CogVideoXBackbone(TextToVideoBackbone):
@@ -44,6 +45,7 @@ class CogVideoXBackbone(TextToVideoBackbone):
     one (the pipeline instead pads the noise with a frame it discards before decoding).
     """
 
+    channel_dim = 2  # latents are (B, F, C, H, W)
     text_encoder_class = T5EncoderModel
     vae_class = AutoencoderKLCogVideoX
     denoiser_class = CogVideoXTransformer3DModel
@@ -65,7 +67,7 @@ class CogVideoXBackbone(TextToVideoBackbone):
         if max_sequence_length is None:
             self.max_sequence_length = config.max_text_seq_length
         elif max_sequence_length != config.max_text_seq_length and not config.use_rotary_positional_embeddings:
-            raise ValueError(
+            raise ConfigError(
                 f"max_sequence_length={max_sequence_length}: this transformer's position embeddings cover exactly "
                 f"{config.max_text_seq_length} text tokens; leave max_sequence_length unset."
             )
@@ -74,7 +76,7 @@ class CogVideoXBackbone(TextToVideoBackbone):
     def check_checkpoint(self, model_index: dict[str, Any], denoiser_config: dict[str, Any]) -> None:
         super().check_checkpoint(model_index, denoiser_config)
         if denoiser_config.get("ofs_embed_dim"):
-            raise ValueError(
+            raise ConfigError(
                 f"{self.pretrained!r} has an 'ofs' embedding (ofs_embed_dim={denoiser_config['ofs_embed_dim']}), "
                 "which only CogVideoX1.5's image-to-video transformer conditions on: CogVideoXBackbone trains "
                 "text-to-video checkpoints (THUDM/CogVideoX-2b, THUDM/CogVideoX-5b, THUDM/CogVideoX1.5-5B)."
@@ -136,7 +138,7 @@ class CogVideoXBackbone(TextToVideoBackbone):
             below = frames - frames % patch_size_t
             fitting = dict.fromkeys([max(below, patch_size_t), below + patch_size_t])  # latent frame counts
             video_frames = " or ".join(str((n - 1) * self.vae_scale_factor_temporal + 1) for n in fitting)
-            raise ValueError(
+            raise ConfigError(
                 f"CogVideoX1.5 patches {patch_size_t} latent frames together, but the latents have {frames}: use "
                 f"videos of {video_frames} frames (a multiple of {patch_size_t} latent frames)."
             )

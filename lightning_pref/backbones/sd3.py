@@ -111,6 +111,10 @@ class StableDiffusion3Backbone(ImagePipelineMixin, Backbone):
         length = min(self.max_sequence_length, self.tokenizer_3.model_max_length)
         return self.text_encoder_3(self.tokenize(self.tokenizer_3, prompts, length))[0].to(self.denoiser.dtype)
 
+    def conditioning_widths(self) -> dict[str, int]:
+        config = self.denoiser.config
+        return {"encoder_hidden_states": config.joint_attention_dim, "pooled_projections": config.pooled_projection_dim}
+
     def predict(self, denoiser: nn.Module, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor:
         """The velocity ``eps - x0``; ``timesteps`` are ``s * 1000``, as the scheduler hands them out."""
         return denoiser(

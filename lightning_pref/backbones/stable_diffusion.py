@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjecti
 
 from lightning_pref.backbones.base import Backbone, Conditioning
 from lightning_pref.processes import DDPMProcess
+from lightning_pref.errors import ConfigError, MissingFileError
 
 
 def read_model_index(pretrained: str, revision: str | None = None) -> dict[str, Any]:
@@ -26,12 +27,12 @@ def read_model_index(pretrained: str, revision: str | None = None) -> dict[str, 
     if local.is_dir():
         index_file = local / "model_index.json"
         if not index_file.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{local} has no model_index.json: point `pretrained` at a diffusers pipeline directory "
                 "(the folder holding unet/, text_encoder/, tokenizer/, scheduler/)."
             )
     elif pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"pretrained={pretrained!r} is neither a local directory nor a hub id ('namespace/name'): check the "
             "path (relative paths are resolved from the current directory)."
         )
@@ -44,7 +45,7 @@ def torch_dtype(name: str) -> torch.dtype:
     """``"bfloat16"`` -> ``torch.bfloat16``, with a clear error for anything that is not a floating dtype."""
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"text_encoder_dtype={name!r}: use a floating dtype name such as 'bfloat16' or 'float32'.")
+        raise ConfigError(f"text_encoder_dtype={name!r}: use a floating dtype name such as 'bfloat16' or 'float32'.")
     return dtype
 
 
@@ -174,6 +175,12 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
         second = self.text_encoder_2(self.tokenize(self.tokenizer_2, prompts), output_hidden_states=True)
         hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
         return {"encoder_hidden_states": hidden, "text_embeds": second.text_embeds}
+
+    def conditioning_widths(self) -> dict[str, int]:
+        """The UNet's cross-attention width, and the pooled embedding's: the added-condition input less six time ids."""
+        config = self.denoiser.config
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        return {"encoder_hidden_states": config.cross_attention_dim, "text_embeds": pooled}
 
     def predict(self, denoiser: nn.Module, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor:
         time_ids = conditioning.get("time_ids")

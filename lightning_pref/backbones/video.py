@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from lightning_pref.backbones.base import Backbone, Conditioning
 from lightning_pref.backbones.stable_diffusion import _frozen, read_model_index, torch_dtype
+from lightning_pref.errors import ConfigError
 
 
 class TextToVideoBackbone(Backbone):
@@ -77,7 +78,7 @@ class TextToVideoBackbone(Backbone):
         """Refuse image-to-video checkpoints: their transformer also reads image latents (more input channels)."""
         in_channels = denoiser_config["in_channels"]
         if in_channels != (denoiser_config.get("out_channels") or in_channels):
-            raise ValueError(
+            raise ConfigError(
                 f"{self.pretrained!r} is an image-to-video checkpoint ({model_index.get('_class_name')}: the "
                 f"transformer takes {in_channels} input channels for {denoiser_config['out_channels']} output "
                 f"channels, the video latents plus image latents): {type(self).__name__} trains text-to-video "

@@ -19,6 +19,7 @@ from transformers import UMT5EncoderModel
 from lightning_pref.backbones.base import Conditioning
 from lightning_pref.backbones.video import TextToVideoBackbone
 from lightning_pref.processes import FlowMatchingProcess
+from lightning_pref.errors import ConfigError
 
 
 def clean_prompt(prompt: str) -> str:
@@ -85,7 +86,7 @@ class WanBackbone(TextToVideoBackbone):
     def check_checkpoint(self, model_index: dict[str, Any], denoiser_config: dict[str, Any]) -> None:
         super().check_checkpoint(model_index, denoiser_config)
         if (model_index.get("transformer_2") or [None])[0] is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.pretrained!r} has two expert transformers (Wan2.2 A14B: one for high noise, one for low, "
                 f"switching at boundary_ratio={model_index.get('boundary_ratio')}): WanBackbone trains one "
                 "transformer; use a Wan2.1 checkpoint."

@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from lightning_pref.datamodules.shards import IMAGE_EXTENSIONS, PAIR_ROLES, VIDEO_EXTENSIONS
+from lightning_pref.errors import ConfigError
 
 #: the suffix a role's latents carry in a precomputed file (``latents_w`` for the winner)
 STORED_SUFFIX = {**PAIR_ROLES, "image": "", "video": ""}
@@ -177,9 +178,9 @@ class FrameSampling:
 
     def __post_init__(self):
         if self.num_frames < 1 or self.frame_stride < 1:
-            raise ValueError(f"num_frames={self.num_frames}, frame_stride={self.frame_stride}: both must be >= 1.")
+            raise ConfigError(f"num_frames={self.num_frames}, frame_stride={self.frame_stride}: both must be >= 1.")
         if self.fps is not None and (self.fps <= 0 or self.frame_stride != 1):
-            raise ValueError(f"fps={self.fps}, frame_stride={self.frame_stride}: give a positive fps or a frame_stride, not both.")
+            raise ConfigError(f"fps={self.fps}, frame_stride={self.frame_stride}: give a positive fps or a frame_stride, not both.")
 
     def indices(self, frame_times: list[list[float]], rng: np.random.Generator) -> list[list[int]]:
         """Frame indices of each video for one shared window."""
@@ -217,7 +218,8 @@ def decoded(name: str, decode: Callable[..., Any], data: bytes, *args: Any) -> A
 # ------------------------------------------------------------------------------------- precomputed
 def load_tensors(sample: dict[str, Any]) -> dict[str, torch.Tensor] | None:
     """The precomputed tensors of a raw sample (``latents.safetensors`` or ``<name>.npy`` files), as float32
-    where they are floating point; ``None`` when the sample holds none."""
+    where they are floating point; ``None`` when the sample holds none. A tensor with a NaN or an infinity
+    skips the sample: one such latent would turn every trained weight NaN in a single step."""
     if "latents.safetensors" in sample:
         tensors = load_safetensors(sample["latents.safetensors"])
     else:
@@ -225,7 +227,11 @@ def load_tensors(sample: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         if not names:
             return None
         tensors = {name[: -len(".npy")]: torch.from_numpy(np.load(io.BytesIO(sample[name]), allow_pickle=False)) for name in names}
-    return {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
+    tensors = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise SkipSample(f"its precomputed '{name}' holds NaN or infinite values")
+    return tensors
 
 
 class MediaDecoder:

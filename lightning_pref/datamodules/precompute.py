@@ -37,6 +37,7 @@ from lightning_pref.backbones.base import Backbone
 from lightning_pref.datamodules.media import FrameSampling, Geometry, MediaDecoder, SkipSample
 from lightning_pref.datamodules.shards import PAIR_ROLES
 from lightning_pref.datamodules.streaming import SampleDecoder, SkipLog, chunks, collate, decode_samples, expand_shards
+from lightning_pref.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,9 @@ def precompute_shards(
     """Encode every sample of the shards ``source`` (a glob, directory or brace pattern) with ``backbone``
     and write latent shards of the same names to ``out_dir``. Returns the counts."""
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}.")
+        raise ConfigError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}.")
     if file_format not in ("safetensors", "npy") or (file_format == "npy" and dtype == "bfloat16"):
-        raise ValueError(f"file_format={file_format!r} with dtype={dtype!r}: use safetensors, or npy with float16/float32.")
+        raise ConfigError(f"file_format={file_format!r} with dtype={dtype!r}: use safetensors, or npy with float16/float32.")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = FrameSampling(num_frames, frame_stride, fps) if num_frames else None
@@ -113,7 +114,7 @@ def precompute_shards(
     (out_dir / "empty_prompt.safetensors").write_bytes(save_safetensors({key: empty[key][0].cpu() for key in backbone.prompt_keys}))
 
     counts = {"shards": 0, "shards_already_done": 0, "written": 0, "skipped": 0}
-    skips, rng = SkipLog(), np.random.default_rng(0)
+    skips = SkipLog()
     for shard in expand_shards(source):
         target = out_dir / Path(shard).name
         if target.exists():
@@ -122,7 +123,7 @@ def precompute_shards(
         samples = wds.tarfile_to_samples(handler=skips.shard_error)([{"url": shard}])
         partial = target.with_name(target.name + ".partial")
         with wds.TarWriter(str(partial)) as sink:
-            for chunk in chunks(decode_samples(samples, decoder, skips, rng), batch_size, partial=True):
+            for chunk in chunks(decode_samples(samples, decoder, skips, seed=(0,)), batch_size, partial=True):
                 batch = collate(chunk)
                 tensors = encode_batch(backbone, batch, DTYPES[dtype])
                 for index, key in enumerate(batch["key"]):
@@ -133,7 +134,7 @@ def precompute_shards(
         log.info("%s -> %s", shard, target)
     counts["skipped"] = skips.take()
     if counts["skipped"] and not counts["written"]:
-        raise RuntimeError(f"No sample of {source!r} could be encoded ({counts}): see the warnings for why.")
+        raise DataError(f"No sample of {source!r} could be encoded ({counts}): see the warnings for why.")
     return counts
 
 
@@ -145,12 +146,12 @@ def load_backbone(spec: str, pretrained: str | None = None, options: dict[str, A
         config = yaml.safe_load(Path(spec).read_text())
         node = (config.get("model", {}).get("init_args") or {}).get("backbone") or config
         if "class_path" not in node:
-            raise KeyError(f"{spec} has no model.init_args.backbone.class_path: give a fit config or a backbone class name.")
+            raise ConfigError(f"{spec} has no model.init_args.backbone.class_path: give a fit config or a backbone class name.")
         spec, init_args = node["class_path"], {**(node.get("init_args") or {}), **init_args}
     module_name, _, class_name = spec.rpartition(".")
     module = importlib.import_module(module_name or "lightning_pref.backbones")
     if not hasattr(module, class_name):
-        raise ValueError(f"--backbone {spec!r}: no such class; use e.g. StableDiffusionBackbone or my_package.MyBackbone.")
+        raise ConfigError(f"--backbone {spec!r}: no such class; use e.g. StableDiffusionBackbone or my_package.MyBackbone.")
     if pretrained is not None:
         init_args["pretrained"] = pretrained
     return getattr(module, class_name)(**init_args)

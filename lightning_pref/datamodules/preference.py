@@ -7,7 +7,6 @@ A batch of ``B`` pairs holds:
 * ``prompt`` (list of str), ``key`` (list of str), ``user_id`` (long, ``-1`` when the json has none);
 * ``label_flipped`` (bool): the pair's order disagrees with its source labels: flipped by ``label_noise``,
   or stored flipped (``label_flipped`` in the json, e.g. toy data made with label noise), not both;
-* ``skipped`` (long scalar): samples the batch's worker skipped since its previous batch;
 * any ``metadata_fields``.
 """
 
@@ -19,8 +18,9 @@ import numpy as np
 
 from lightning_pref.datamodules.media import MediaDecoder
 from lightning_pref.datamodules.shards import PAIR_ROLES
-from lightning_pref.datamodules.streaming import SampleDecoder, ShardDataModule
+from lightning_pref.datamodules.streaming import SampleDecoder, ShardDataModule, parse_flag
 from lightning_pref.seeding import unit_hash
+from lightning_pref.errors import ConfigError
 
 
 class PairDecoder(SampleDecoder):
@@ -43,7 +43,7 @@ class PairDecoder(SampleDecoder):
             for name in [name for name in out if name.endswith("_w")]:
                 loser = name[:-2] + "_l"
                 out[name], out[loser] = out[loser], out[name]
-        out["label_flipped"] = flipped != bool(metadata.get("label_flipped", False))
+        out["label_flipped"] = flipped != parse_flag("label_flipped", metadata.get("label_flipped", False))
         return [out]
 
 
@@ -69,7 +69,7 @@ class PreferenceDataModule(ShardDataModule):
     def __init__(self, train_shards: str, *, label_noise: float = 0.0, **kwargs):
         super().__init__(train_shards, **kwargs)
         if not 0.0 <= label_noise <= 1.0:
-            raise ValueError(f"label_noise={label_noise}: use a fraction in [0, 1].")
+            raise ConfigError(f"label_noise={label_noise}: use a fraction in [0, 1].")
         self.label_noise = label_noise
 
     def sample_decoder(self, train: bool) -> PairDecoder:

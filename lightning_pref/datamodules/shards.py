@@ -17,11 +17,17 @@ Every shard is a webdataset tar; the files of one sample share a ``__key__``. Th
 Converters (image and video pair tables, VideoDPO, the toy world) write through
 :func:`write_preference_shards` (Pick-a-Pic's writes its JPEG bytes directly, in the same format);
 unpaired data goes through :func:`write_unpaired_shards`.
+
+Keys and shard names hold letters, digits, ``_`` and ``-`` only: webdataset cuts a tar member's name at its
+first dot into key and field, and a slash would make a folder. :func:`key_part` makes any text fit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -29,11 +35,23 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from lightning_pref.errors import ConfigError
+
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
 #: media roles of a sample and the suffix their tensors carry in a batch
 PAIR_ROLES = {"winner": "_w", "loser": "_l"}
 UNPAIRED_ROLES = ("image", "video")
+NOT_A_KEY_CHARACTER = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def key_part(text: str) -> str:
+    """``text`` fit for a sample key or shard name: every other character becomes ``_``, and a changed text
+    gets a short hash of the original appended, so two texts never give the same part."""
+    part = NOT_A_KEY_CHARACTER.sub("_", text)
+    if part != text:
+        part += "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+    return part
 
 
 def encode_image(image: Image.Image | np.ndarray, image_format: str = "png") -> bytes:
@@ -68,13 +86,23 @@ def write_samples(
 ) -> list[Path]:
     """Write ``records`` (media under the keys in ``roles``, everything else to the json) to tar shards.
 
-    Keys are ``<prefix>-<index>``, unique across datasets written with different prefixes. Returns the
-    shard paths.
+    Keys are ``<prefix>-<index>``, unique across datasets written with different prefixes; ``prefix`` may
+    hold letters, digits, ``_`` and ``-`` only. No records, no shard. Returns the shard paths.
     """
+    if key_part(prefix) != prefix:
+        raise ConfigError(
+            f"prefix={prefix!r}: sample keys and shard names take letters, digits, '_' and '-' only (webdataset "
+            "cuts a key at its first dot): choose a prefix without dots, slashes or spaces."
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(out_dir / f"{prefix}-%06d.tar"), maxcount=samples_per_shard, verbose=0) as sink:
-        for index, record in enumerate(records):
+    records = iter(records)
+    first = next(records, None)
+    if first is None:
+        return []
+    shards: list[str] = []
+    with wds.ShardWriter(str(out_dir / f"{prefix}-%06d.tar"), maxcount=samples_per_shard, post=shards.append, verbose=0) as sink:
+        for index, record in enumerate(itertools.chain([first], records)):
             present = [role for role in roles if record.get(role) is not None]
             metadata = {key: value for key, value in record.items() if key not in roles}
             if "caption" not in metadata:
@@ -86,7 +114,7 @@ def write_samples(
                 extension, data = media_file(record[role], image_format)
                 sample[f"{role}.{extension}"] = data
             sink.write(sample)
-    return sorted(out_dir.glob(f"{prefix}-*.tar"))
+    return [Path(shard) for shard in shards]
 
 
 def write_preference_shards(

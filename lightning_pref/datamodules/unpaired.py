@@ -10,7 +10,7 @@ Reads unpaired shards (``image.<ext>`` or ``video.<ext>`` + ``json``, see
   paired data). They enter the shuffle buffer together, so they usually share a batch.
 
 A batch holds ``pixels`` (``(B, 3, H, W)`` or ``(B, 3, F, H, W)`` in [-1, 1]) or precomputed ``latents`` and
-prompt tensors, ``label`` (long), ``prompt``, ``key``, ``user_id``, ``skipped`` and any ``metadata_fields``.
+prompt tensors, ``label`` (long), ``prompt``, ``key``, ``user_id`` and any ``metadata_fields``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import numpy as np
 
 from lightning_pref.datamodules.media import MediaDecoder
 from lightning_pref.datamodules.shards import PAIR_ROLES
-from lightning_pref.datamodules.streaming import SampleDecoder, ShardDataModule
+from lightning_pref.datamodules.streaming import SampleDecoder, ShardDataModule, parse_flag
+from lightning_pref.errors import ConfigError
 
 Source = Literal["unpaired", "winners", "pairs"]
 
@@ -32,13 +33,14 @@ class UnpairedDecoder(SampleDecoder):
     def __init__(self, media: MediaDecoder, metadata_fields=(), source: Source = "unpaired"):
         super().__init__(media, metadata_fields)
         self.source = source
+        self.outputs_per_sample = 2 if source == "pairs" else 1
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> list[dict[str, Any]]:
         metadata = self.metadata(sample)
         common = self.common(sample, metadata)
         if self.source == "unpaired":
             role = "video" if any(name.startswith("video.") for name in sample) else "image"
-            return [{**self.media(sample, {role: ""}, rng), **common, "label": int(metadata.get("label", 1))}]
+            return [{**self.media(sample, {role: ""}, rng), **common, "label": int(parse_flag("label", metadata.get("label", 1)))}]
         if self.source == "winners":
             return [{**self.media(sample, {"winner": ""}, rng), **common, "label": 1}]
         tensors = self.media(sample, PAIR_ROLES, rng)
@@ -63,7 +65,7 @@ class UnpairedDataModule(ShardDataModule):
     def __init__(self, train_shards: str, *, source: Source = "unpaired", **kwargs):
         super().__init__(train_shards, **kwargs)
         if source not in ("unpaired", "winners", "pairs"):
-            raise ValueError(f"source={source!r}: choose 'unpaired', 'winners' or 'pairs'.")
+            raise ConfigError(f"source={source!r}: choose 'unpaired', 'winners' or 'pairs'.")
         self.source = source
 
     def sample_decoder(self, train: bool) -> UnpairedDecoder:

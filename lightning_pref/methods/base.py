@@ -38,6 +38,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Literal
 
@@ -57,6 +59,37 @@ from lightning_pref.losses import (
 )
 from lightning_pref.seeding import stream_seed
 from lightning_pref.strategies import fully_shard_blocks, shard_reference
+from lightning_pref.errors import CheckpointError, ConfigError, DataError, TrainingError
+
+
+log = logging.getLogger(__name__)
+
+
+def check_training_options(
+    beta: float, lr: float, weight_decay: float, adam_betas: tuple[float, float], warmup_steps: int,
+    lora_rank: int, lora_alpha: float | None, lora_dropout: float,
+) -> None:
+    """Refuse options that cannot train: a non-positive or non-finite beta (``beta: 0`` learns nothing,
+    ``beta: -1000`` trains toward the losers) or learning rate, and the like."""
+
+    def positive(name: str, value: float) -> None:
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name}={value!r}: use a finite number > 0.")
+
+    positive("beta", beta)
+    positive("lr", lr)
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ConfigError(f"weight_decay={weight_decay!r}: use a finite number >= 0.")
+    if len(adam_betas) != 2 or not all(0 <= b < 1 for b in adam_betas):
+        raise ConfigError(f"adam_betas={adam_betas!r}: use two numbers in [0, 1), e.g. [0.9, 0.999].")
+    if warmup_steps < 0:
+        raise ConfigError(f"warmup_steps={warmup_steps}: use a number of optimizer steps >= 0.")
+    if lora_rank < 1:
+        raise ConfigError(f"lora_rank={lora_rank}: use a rank >= 1.")
+    if lora_alpha is not None:
+        positive("lora_alpha", lora_alpha)
+    if not 0 <= lora_dropout < 1:
+        raise ConfigError(f"lora_dropout={lora_dropout}: use a probability in [0, 1).")
 
 
 def batch_size_of(batch: dict[str, Any]) -> int:
@@ -161,6 +194,9 @@ class PreferenceDiffusionModule(pl.LightningModule):
         safeguard_scope: ``batch`` (one ``lambda`` per micro-batch, the official code) or ``pair``.
         entropy_gamma: SEE-DPO's self-entropy weight ``gamma`` (beta's units; 0 = off; ``gamma / beta`` in
             0.05..0.5 to start) ``[reconstructed]``; pairwise methods with a reference only.
+        nonfinite: what a NaN or infinite loss or gradient does: ``stop`` the run with an error naming the step
+            and the term, before the optimizer touches the weights (default), or ``skip`` that optimizer step
+            (logged as ``train/skipped_step``). Under DeepSpeed only the loss is checked (ZeRO holds the gradients).
     """
 
     #: prediction types (``epsilon``, ``v_prediction``, ``flow``) the method is defined for; ``None``: all.
@@ -194,21 +230,25 @@ class PreferenceDiffusionModule(pl.LightningModule):
         safeguard_mu: float = 0.9,
         safeguard_scope: Literal["batch", "pair"] = "batch",
         entropy_gamma: float = 0.0,
+        nonfinite: Literal["stop", "skip"] = "stop",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
         self.check_backbone(backbone)
+        check_training_options(beta, lr, weight_decay, adam_betas, warmup_steps, lora_rank, lora_alpha, lora_dropout)
+        if nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"nonfinite={nonfinite!r}: choose 'stop' (the default) or 'skip'.")
         if finetune not in ("lora", "full"):
-            raise ValueError(f"finetune={finetune!r}: choose 'lora' or 'full'.")
+            raise ConfigError(f"finetune={finetune!r}: choose 'lora' or 'full'.")
         if optimizer not in ("adamw", "adafactor"):
-            raise ValueError(f"optimizer={optimizer!r}: choose 'adamw' or 'adafactor'.")
+            raise ConfigError(f"optimizer={optimizer!r}: choose 'adamw' or 'adafactor'.")
         if reference_offload and finetune != "full":
-            raise ValueError(
+            raise ConfigError(
                 "reference_offload=True needs finetune='full': with LoRA the reference is the same network "
                 "with its adapters disabled, so there is no copy to offload."
             )
         if not 0.0 <= caption_dropout < 1.0:
-            raise ValueError(f"caption_dropout={caption_dropout}: use a probability in [0, 1).")
+            raise ConfigError(f"caption_dropout={caption_dropout}: use a probability in [0, 1).")
         self.check_cross_method_options(loser_safeguard, safeguard_mu, safeguard_scope, entropy_gamma)
         self.backbone = backbone
         self.beta = beta
@@ -220,6 +260,7 @@ class PreferenceDiffusionModule(pl.LightningModule):
         self.safeguard_mu = safeguard_mu
         self.safeguard_scope = safeguard_scope
         self.entropy_gamma = entropy_gamma
+        self.nonfinite = nonfinite
         # Only the trained weights go into checkpoints; the frozen parts reload from `backbone`.
         self.strict_loading = False
 
@@ -259,7 +300,7 @@ class PreferenceDiffusionModule(pl.LightningModule):
         """Refuse a backbone whose noise process the method is not defined for."""
         kind = backbone.process.prediction_type
         if self.supported_prediction_types is not None and kind not in self.supported_prediction_types:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__} is defined for prediction types {self.supported_prediction_types}, "
                 f"but {type(backbone).__name__}({getattr(backbone, 'pretrained', '')!r}) predicts {kind!r}: "
                 "choose a backbone with a supported process, or another method."
@@ -270,9 +311,9 @@ class PreferenceDiffusionModule(pl.LightningModule):
         name = type(self).__name__
         if (safeguard or gamma) and not self.pairwise:
             option = "loser_safeguard" if safeguard else "entropy_gamma"
-            raise ValueError(f"{option} applies to pairwise methods only, and {name} is not one: remove the option.")
+            raise ConfigError(f"{option} applies to pairwise methods only, and {name} is not one: remove the option.")
         if gamma and not self.uses_reference:
-            raise ValueError(
+            raise ConfigError(
                 f"entropy_gamma flattens the reference, and {name} has none: remove the option, or use a "
                 "method with a reference (e.g. SEEDPO)."
             )
@@ -304,7 +345,7 @@ class PreferenceDiffusionModule(pl.LightningModule):
         if sharded is None:
             return
         if self.reference_offload:
-            raise ValueError(
+            raise ConfigError(
                 "reference_offload=True moves the whole reference between devices, which a sharded reference "
                 f"cannot do under {type(self.trainer.strategy).__name__}: remove reference_offload and use the "
                 "strategy's parameter offload (examples/strategies/zero3_offload.yaml) instead."
@@ -332,6 +373,8 @@ class PreferenceDiffusionModule(pl.LightningModule):
         loss, metrics = self.compute_loss(self.entropy_regularized(errors), batch)
         metrics = {**metrics, **self.cross_method_metrics(errors)}
         self.log_metrics(stage, loss, metrics, batch_size=pairs.latents_w.shape[0])
+        if stage == "train":
+            self.check_finite_loss(loss, dict(zip(("policy_w", "policy_l", "ref_w", "ref_l"), errors.as_args())))
         return loss
 
     def step_randomness(self, batch: dict[str, Any], batch_idx: int, stage: str) -> PairRandomness:
@@ -351,11 +394,13 @@ class PreferenceDiffusionModule(pl.LightningModule):
         """Clean latents of winners and losers and the (caption-dropped) prompt conditioning."""
         if "latents_w" in batch and "latents_l" in batch:
             latents_w, latents_l = batch["latents_w"], batch["latents_l"]
+            self.backbone.check_batch_media("latents_w", latents_w, latents=True)
         elif "pixels_w" in batch and "pixels_l" in batch:
+            self.backbone.check_batch_media("pixels_w", batch["pixels_w"], latents=False)
             pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])
             latents_w, latents_l = self.backbone.encode_pixels(pixels, random.generators * 2).chunk(2)
         else:
-            raise KeyError(
+            raise DataError(
                 f"{type(self).__name__} needs winner/loser images in the batch as 'pixels_w' and 'pixels_l' "
                 f"(or precomputed 'latents_w' and 'latents_l'), but the batch has {sorted(batch)}: check the "
                 "DataModule's output or the shard fields it reads."
@@ -473,6 +518,39 @@ class PreferenceDiffusionModule(pl.LightningModule):
         else:
             yield self._reference_copy
 
+    # ------------------------------------------------------------------------------ non-finite values
+    def check_finite_loss(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
+        """Stop (``nonfinite="stop"``) on a NaN or infinite loss, naming the step and the non-finite error terms;
+        with ``skip`` the step's gradients are dropped in :meth:`on_before_optimizer_step`."""
+        if bool(torch.isfinite(loss)):
+            return
+        bad = [f"{name} ({int((~torch.isfinite(value)).sum())} of {value.numel()})" for name, value in terms.items()
+               if not bool(torch.isfinite(value).all())]
+        cause = (f"non-finite errors: {', '.join(bad)}; the inputs or the weights hold NaN/Inf (a corrupt latent, "
+                 "or a learning rate that blew the weights up)" if bad else
+                 f"every error is finite, so the loss's own options overflow (beta={self.beta})")
+        message = f"step {self.global_step}: the loss is {loss.item()}, {cause}."
+        if self.nonfinite == "stop":
+            raise TrainingError(f"{message} Stopped before the optimizer step; `nonfinite: skip` skips such steps instead.")
+        log.warning("%s The optimizer step is skipped.", message)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Before every optimizer step (and before gradient clipping): a NaN or infinite gradient stops the run or
+        (``nonfinite="skip"``) removes every gradient, so the optimizer leaves the weights and its state alone."""
+        named = [(name, param) for name, param in self.named_parameters() if param.grad is not None]
+        if not named or bool(torch.isfinite(torch.nn.utils.get_total_norm([p.grad for _, p in named]))):
+            return
+        first = next(name for name, param in named if not bool(torch.isfinite(param.grad).all()))
+        if self.nonfinite == "stop":
+            raise TrainingError(
+                f"step {self.global_step}: the gradient of {first} holds NaN/Inf; stopped before the optimizer step "
+                "(check the data and the learning rate; `nonfinite: skip` skips such steps instead)."
+            )
+        log.warning("step %d: the gradient of %s holds NaN/Inf; this optimizer step is skipped.", self.global_step, first)
+        for _, param in named:
+            param.grad = None
+        self.log("train/skipped_step", 1.0, on_step=True, on_epoch=False)
+
     # --------------------------------------------------------------------------------------- logging
     def log_metrics(self, stage: str, loss: Tensor, metrics: dict[str, Tensor], batch_size: int) -> None:
         on_step = stage == "train"
@@ -489,25 +567,30 @@ class PreferenceDiffusionModule(pl.LightningModule):
     def pairs_per_optimizer_step(self) -> int:
         batch_size = getattr(self.trainer.datamodule, "batch_size", None)
         if batch_size is None:
-            raise ValueError(
+            raise ConfigError(
                 "scale_lr=True needs the pairs per optimizer step: use a DataModule with a `batch_size` "
                 "attribute, or set scale_lr: false and give the final lr."
             )
         return batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def optimizer_options(self) -> dict[str, Any]:
+        """What the optimizer's parameter groups hold: ``lr`` (times the pairs per step with ``scale_lr``),
+        ``weight_decay`` and, for AdamW, ``betas``."""
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        lr = hp.lr * self.pairs_per_optimizer_step() if hp.scale_lr else hp.lr
+        options = {"lr": hp.lr * self.pairs_per_optimizer_step() if hp.scale_lr else hp.lr, "weight_decay": hp.weight_decay}
         if hp.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(hp.adam_betas), weight_decay=hp.weight_decay)
+            options["betas"] = tuple(hp.adam_betas)
+        return options
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if self.hparams.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(params, **self.optimizer_options())
         else:
             from transformers.optimization import Adafactor
 
-            optimizer = Adafactor(
-                params, lr=lr, weight_decay=hp.weight_decay, scale_parameter=False, relative_step=False, warmup_init=False
-            )
-        warmup = max(hp.warmup_steps, 0)
+            optimizer = Adafactor(params, **self.optimizer_options(), scale_parameter=False, relative_step=False, warmup_init=False)
+        warmup = self.hparams.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -520,20 +603,67 @@ class PreferenceDiffusionModule(pl.LightningModule):
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the trained weights only, and refuse to write any that are NaN or infinite."""
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
             return  # FSDP2's distributed checkpoint reloads the whole module, sharded: keep every key
         keep = self.trained_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        for key, value in checkpoint["state_dict"].items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise TrainingError(
+                    f"step {self.global_step}: refusing to write a checkpoint whose {key} holds NaN/Inf (the last "
+                    "finite checkpoint is kept); lower the learning rate or check the data."
+                )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume with this run's config: refuse a checkpoint trained with tensors of another shape, apply (and
+        log) harmless differences such as ``lr`` or ``beta``, also to the restored optimizer and schedule."""
+        self.check_resumed_options(checkpoint.get("hyper_parameters") or {})
+        if checkpoint.get("optimizer_states"):
+            apply_optimizer_options(checkpoint, self.optimizer_options())
         if "state_dict" not in checkpoint:  # DeepSpeed restores the weights through its engine
             return
         missing = self.trained_state_keys() - set(checkpoint["state_dict"])
         if missing:
-            raise KeyError(
+            raise CheckpointError(
                 f"The checkpoint lacks {len(missing)} trained weights of this module (e.g. {sorted(missing)[:3]}): "
                 "it was written by a different configuration (finetune, LoRA rank or target modules). Resume "
                 "with the configuration that wrote it."
             )
+
+    def check_resumed_options(self, saved: dict[str, Any]) -> None:
+        def plain(value: Any) -> Any:
+            return list(value) if isinstance(value, (tuple, list)) else value
+
+        changed = {key: (saved[key], value) for key, value in self.hparams.items()
+                   if key in saved and not key.startswith("_") and plain(saved[key]) != plain(value)}
+        shaping = {key: pair for key, pair in changed.items() if key in TENSOR_SHAPING_OPTIONS}
+        if shaping:
+            described = ", ".join(f"{key}: {old!r} in the checkpoint, {new!r} in the config" for key, (old, new) in shaping.items())
+            raise CheckpointError(
+                f"cannot resume: {described}. These options shape the trained tensors: resume with the checkpoint's "
+                "values, or start a new run without --ckpt_path."
+            )
+        for key, (old, new) in changed.items():
+            log.info("resuming with %s=%r from the config (the checkpoint trained with %r)", key, new, old)
+
+
+#: options that decide what the trained tensors are: a resumed run must keep the checkpoint's values
+TENSOR_SHAPING_OPTIONS = ("finetune", "lora_rank", "lora_alpha", "lora_target_modules", "optimizer")
+
+
+def apply_optimizer_options(checkpoint: dict[str, Any], options: dict[str, Any]) -> None:
+    """Write this run's ``lr``, ``weight_decay`` and ``betas`` into a checkpoint's optimizer and LR-schedule
+    states before Lightning restores them (it would otherwise bring back the old values), keeping the schedule's
+    position (the current lr over the base lr)."""
+    for state in checkpoint["optimizer_states"]:
+        for group in state["param_groups"]:
+            position = group["lr"] / group["initial_lr"] if group.get("initial_lr") else 1.0
+            group.update({key: value for key, value in options.items() if key in group})
+            if "initial_lr" in group:
+                group["initial_lr"], group["lr"] = options["lr"], options["lr"] * position
+    for schedule in checkpoint.get("lr_schedulers") or []:
+        if "base_lrs" in schedule:
+            schedule["base_lrs"] = [options["lr"]] * len(schedule["base_lrs"])

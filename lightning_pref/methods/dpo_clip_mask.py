@@ -13,6 +13,7 @@ from torch import Tensor
 from lightning_pref.losses import check_importance_options, dpo_clip_mask_loss
 from lightning_pref.methods.base import PairErrors
 from lightning_pref.methods.importance import ImportanceWeightedModule
+from lightning_pref.errors import ConfigError
 
 
 class DPOClipMask(ImportanceWeightedModule):
@@ -35,7 +36,7 @@ class DPOClipMask(ImportanceWeightedModule):
 
     def __init__(self, *args: Any, mask_threshold: float = 0.9, margin_clip: float | None = None, **kwargs: Any):
         if mask_threshold is None:
-            raise ValueError("DPOClipMask needs a mask_threshold (0.9 in the paper); without a mask it is DiffusionDPO.")
+            raise ConfigError("DPOClipMask needs a mask_threshold (0.9 in the paper); without a mask it is DiffusionDPO.")
         check_importance_options(margin_clip=margin_clip)
         super().__init__(*args, mask_threshold=mask_threshold, **kwargs)
         self.margin_clip = margin_clip

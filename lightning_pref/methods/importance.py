@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lightning_pref.losses import check_importance_options, importance_mask, timestep_bucket_means
 from lightning_pref.methods.base import NoisyPairs, PairErrors, PairRandomness, PreferenceDiffusionModule, PreferencePairs
+from lightning_pref.errors import ConfigError
 
 
 class ImportanceWeightedModule(PreferenceDiffusionModule):
@@ -43,9 +44,9 @@ class ImportanceWeightedModule(PreferenceDiffusionModule):
     ):
         check_importance_options(mask_threshold)
         if kl_reduction not in ("mean", "sum"):
-            raise ValueError(f"kl_reduction={kl_reduction!r}: choose 'mean' (KL per element) or 'sum' (whole latent).")
+            raise ConfigError(f"kl_reduction={kl_reduction!r}: choose 'mean' (KL per element) or 'sum' (whole latent).")
         if weight_estimator not in ("expected", "sampled"):
-            raise ValueError(f"weight_estimator={weight_estimator!r}: choose 'expected' or 'sampled'.")
+            raise ConfigError(f"weight_estimator={weight_estimator!r}: choose 'expected' or 'sampled'.")
         super().__init__(*args, **kwargs)
         self.mask_threshold = mask_threshold
         self.kl_reduction = kl_reduction

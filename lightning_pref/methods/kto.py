@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lightning_pref.losses import implicit_reward_margin, kto_loss, pairwise_metrics
 from lightning_pref.methods.base import PairErrors, PreferenceDiffusionModule
+from lightning_pref.errors import ConfigError, DataError
 
 
 def mean_across_ranks(value: Tensor) -> Tensor:
@@ -57,7 +58,7 @@ class DiffusionKTO(PreferenceDiffusionModule):
         **kwargs: Any,
     ):
         if desirable_weight < 0 or undesirable_weight < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"desirable_weight={desirable_weight}, undesirable_weight={undesirable_weight}: use weights >= 0."
             )
         super().__init__(*args, beta=beta, **kwargs)
@@ -72,7 +73,7 @@ class DiffusionKTO(PreferenceDiffusionModule):
     def unpaired_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> Tensor:
         """One step on labelled samples: per-sample (t, eps), one policy and one reference forward."""
         if "label" not in batch:
-            raise KeyError(f"DiffusionKTO got an unpaired batch without 'label' (it has {sorted(batch)}): give the "
+            raise DataError(f"DiffusionKTO got an unpaired batch without 'label' (it has {sorted(batch)}): give the "
                            "DataModule labelled samples (UnpairedDataModule reads 'label' from each sample's json).")
         random = self.step_randomness(batch, batch_idx, stage)
         x0 = batch["latents"] if "latents" in batch else self.backbone.encode_pixels(batch["pixels"], random.generators)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightning_pref.losses import mapo_loss
 from lightning_pref.methods.base import PairErrors, PreferenceDiffusionModule
+from lightning_pref.errors import ConfigError
 
 
 class MaPO(PreferenceDiffusionModule):
@@ -36,7 +37,7 @@ class MaPO(PreferenceDiffusionModule):
         self, *args: Any, beta: float = 0.1, error_scale: float = 0.5, margin_scale: float | None = None, **kwargs: Any
     ):
         if error_scale <= 0 or (margin_scale is not None and margin_scale <= 0):
-            raise ValueError(f"error_scale={error_scale}, margin_scale={margin_scale}: use positive values.")
+            raise ConfigError(f"error_scale={error_scale}, margin_scale={margin_scale}: use positive values.")
         super().__init__(*args, beta=beta, **kwargs)
         self.error_scale = error_scale
         self.margin_scale = margin_scale if margin_scale is not None else float(self.process.num_train_timesteps)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightning_pref.methods.diffusion_dpo import DiffusionDPO
+from lightning_pref.errors import ConfigError
 
 
 class SEEDPO(DiffusionDPO):
@@ -27,7 +28,7 @@ class SEEDPO(DiffusionDPO):
 
     def __init__(self, *args: Any, entropy_gamma: float = 500.0, **kwargs: Any):
         if entropy_gamma <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"entropy_gamma={entropy_gamma}: SEEDPO needs gamma > 0 (with 0 it is DiffusionDPO); "
                 "try gamma / beta in 0.05..0.5."
             )

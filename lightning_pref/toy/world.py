@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from lightning_pref.errors import ConfigError
 
 SHAPES = ("circle", "square", "triangle", "cross")
 # RGB of each colour: the first three are warm, the last three cool.
@@ -47,7 +48,7 @@ BORDER_MARGIN = 2  # pixels kept free around the shape, so the image border is p
 
 def _check_name(field: str, value: str, allowed) -> None:
     if value not in allowed:
-        raise ValueError(f"{field}={value!r} is not in the toy world: choose one of {', '.join(allowed)}.")
+        raise ConfigError(f"{field}={value!r} is not in the toy world: choose one of {', '.join(allowed)}.")
 
 
 def make_prompt(shape: str, color: str | None = None, background: str | None = None) -> str:
@@ -135,7 +136,7 @@ class ToySceneDataset(torch.utils.data.Dataset):
 
     def __init__(self, num_samples: int, seed: int = 0):
         if num_samples < 1:
-            raise ValueError(f"num_samples={num_samples}: a ToySceneDataset needs at least one scene.")
+            raise ConfigError(f"num_samples={num_samples}: a ToySceneDataset needs at least one scene.")
         self.num_samples = num_samples
         self.seed = seed
 
