@@ -514,6 +514,17 @@ def video_shape(config: dict[str, Any], options: argparse.Namespace) -> VideoSha
                       options.width or default.width, options.text_tokens or default.text_tokens)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a clear error, not a tensor of negative size, otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
 def plan_main(args: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="lightning-pref plan",
@@ -527,14 +538,14 @@ def plan_main(args: list[str]) -> None:
     parser.add_argument("--strategy", nargs="+", default=list(STRATEGIES), help=" ".join(STRATEGIES))
     parser.add_argument("--objective", nargs="+", default=["dpo"],
                         help="dpo ([winners; losers] batch, reference) and/or sft (neither, as published figures)")
-    parser.add_argument("--gpus", nargs="+", type=int, default=[8], help="GPUs per node (several: rows for each)")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=1, help="pairs (DPO) or samples (SFT) per GPU")
-    parser.add_argument("--frames", type=int, default=None, help="pixel frames (default: 49 CogVideoX, 81 Wan)")
-    parser.add_argument("--height", type=int, default=None, help="default: 480")
-    parser.add_argument("--width", type=int, default=None, help="default: 720 (CogVideoX), 832 (Wan)")
-    parser.add_argument("--text-tokens", type=int, default=None, help="default: 226 (CogVideoX), 512 (Wan)")
-    parser.add_argument("--lora-rank", type=int, default=128, help="default: 128, as CogVideoX's fine-tuning")
+    parser.add_argument("--gpus", nargs="+", type=positive_int, default=[8], help="GPUs per node (several: rows for each)")
+    parser.add_argument("--nodes", type=positive_int, default=1)
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="pairs (DPO) or samples (SFT) per GPU")
+    parser.add_argument("--frames", type=positive_int, default=None, help="pixel frames (default: 49 CogVideoX, 81 Wan)")
+    parser.add_argument("--height", type=positive_int, default=None, help="default: 480")
+    parser.add_argument("--width", type=positive_int, default=None, help="default: 720 (CogVideoX), 832 (Wan)")
+    parser.add_argument("--text-tokens", type=positive_int, default=None, help="default: 226 (CogVideoX), 512 (Wan)")
+    parser.add_argument("--lora-rank", type=positive_int, default=128, help="default: 128, as CogVideoX's fine-tuning")
     parser.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS))
     options = parser.parse_args(args)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's import logs to stdout; stdout is for the table

@@ -1,63 +1,10 @@
 """The `lightning-pref` command: configs, overrides, user subclasses, and errors a user can make."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_config(tiny_sd, tiny_shards, tmp_path, **model_options):
-    return {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "max_steps": 2,
-            "log_every_n_steps": 1,
-            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": str(tmp_path),
-        },
-        "model": {
-            "class_path": "lightning_pref.methods.DiffusionDPO",
-            "init_args": {
-                "backbone": {
-                    "class_path": "lightning_pref.backbones.StableDiffusionBackbone",
-                    "init_args": {"pretrained": str(tiny_sd)},
-                },
-                "beta": 1000,
-                **model_options,
-            },
-        },
-        "data": {
-            "class_path": "lightning_pref.datamodules.PreferenceDataModule",
-            "init_args": {
-                "train_shards": f"{tiny_shards}/*.tar",
-                "batch_size": 2,
-                "num_workers": 0,
-                "shuffle_buffer": 4,
-                "batches_per_epoch": 2,
-            },
-        },
-    }
-
-
-def run_cli(args, tmp_path, extra_path=None):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(extra_path or ""), str(REPO)]))}
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_pref.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
-def write_config(config, tmp_path):
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+from cli_helpers import REPO, run_cli, tiny_config, write_config
 
 
 def test_print_config_works_without_a_config(tmp_path):

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from lightning_pref.backbones.tiny import write_tiny_sd3_pipeline, write_tiny_sd_pipeline
 from lightning_pref.backbones.tiny_video import write_tiny_cogvideox_pipeline, write_tiny_wan_pipeline
 from lightning_pref.export import export
-from test_cli import tiny_config, write_config
+from cli_helpers import tiny_config, write_config
 
 SCRIPT = Path(__file__).with_name("distributed_fit.py")
 

@@ -232,7 +232,11 @@ class SampleDecoder:
         try:
             metadata = json.loads(sample["json"])
         except KeyError:
-            raise SkipSample("no 'json' field") from None
+            fields = sorted(key for key in sample if not key.startswith("__"))
+            if any(field.endswith(".json") for field in fields):  # webdataset cut the key at its first dot
+                raise SkipSample(f"no 'json' field (fields: {fields}): the key holds a dot; rewrite the shard with "
+                                 "dot-free keys (the library's converters do)") from None
+            raise SkipSample(f"no 'json' field (fields: {fields})") from None
         except ValueError as error:
             raise SkipSample(f"its json does not parse ({error})") from None
         if not isinstance(metadata, dict) or "caption" not in metadata:

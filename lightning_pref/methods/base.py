@@ -518,6 +518,14 @@ class PreferenceDiffusionModule(pl.LightningModule):
         else:
             yield self._reference_copy
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """A checkpoint on SIGTERM (:class:`~lightning_pref.callbacks.SaveOnSigterm`) unless the run has one."""
+        from lightning_pref.callbacks import SaveOnSigterm
+
+        if any(isinstance(callback, SaveOnSigterm) for callback in self.trainer.callbacks):
+            return []
+        return [SaveOnSigterm()]
+
     # ------------------------------------------------------------------------------ non-finite values
     def check_finite_loss(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
         """Stop (``nonfinite="stop"``) on a NaN or infinite loss, naming the step and the non-finite error terms;
