@@ -1,4 +1,5 @@
-"""Preference methods: one LightningModule per method on :class:`PreferenceDiffusionModule`."""
+"""Preference methods: one LightningModule per method on
+[`PreferenceDiffusionModule`][lightning_pref.methods.base.PreferenceDiffusionModule]."""
 
 from lightning_pref.methods.base import NoisyPairs, PairErrors, PairRandomness, PreferenceDiffusionModule, PreferencePairs
 from lightning_pref.methods.diffusion_dpo import DiffusionDPO

@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from lightning_pref.losses import check_preference_loss_options, diffusion_dpo_loss
+from lightning_pref.losses.common import check_preference_loss_options
+from lightning_pref.losses.diffusion_dpo import diffusion_dpo_loss
 from lightning_pref.methods.base import PairErrors, PreferenceDiffusionModule
 
 
@@ -16,7 +17,7 @@ class DiffusionDPO(PreferenceDiffusionModule):
     Args:
         loss_type: ``sigmoid`` (the paper), ``hinge`` or ``ipo`` on the same implicit reward margin.
         label_smoothing: conservative DPO's label-noise rate (``sigmoid`` only).
-        **kwargs: the options of :class:`~lightning_pref.methods.base.PreferenceDiffusionModule`.
+        **kwargs: the options of [`PreferenceDiffusionModule`][lightning_pref.methods.base.PreferenceDiffusionModule].
 
     The paper's recipe: beta 2000 (SD1.5) / 5000 (SDXL), 2048 pairs per step, lr 1e-8 x 2048 via
     ``scale_lr``, warm-up 500 / 200, caption dropout 0.2, gradient clipping 1.0 (a Trainer option).

@@ -1,7 +1,7 @@
 """DMPO: Diffusion-DPO's margin driven to a target by the reverse KL of two Bernoullis.
 
-Li, Xu, Han, Dang, Ermon, arXiv 2507.07510 [secondary; loss as in a third-party implementation],
-METHODS.md section 3.
+Li, Xu, Han, Dang, Ermon, arXiv 2507.07510 ``[secondary]``: the loss as in a third-party implementation (the
+Diffusion-SDPO authors' training script), METHODS.md section 3.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_pref.losses import check_dmpo_alpha, dmpo_loss
+from lightning_pref.losses.dmpo import check_dmpo_alpha, dmpo_loss
 from lightning_pref.methods.base import PairErrors, PreferenceDiffusionModule
 
 
@@ -22,8 +22,8 @@ class DMPO(PreferenceDiffusionModule):
 
     Args:
         alpha: target dispreference rate, in ``[1e-6, 1)`` (0.01).
-        **kwargs: the options of :class:`~lightning_pref.methods.base.PreferenceDiffusionModule`; ``beta`` in
-            Diffusion-DPO units (third-party settings: SD1.5 2000, SDXL 6000).
+        **kwargs: the options of [`PreferenceDiffusionModule`][lightning_pref.methods.base.PreferenceDiffusionModule];
+            ``beta`` in Diffusion-DPO units (third-party settings: SD1.5 2000, SDXL 6000).
     """
 
     def __init__(self, *args: Any, alpha: float = 0.01, **kwargs: Any):

@@ -1,6 +1,6 @@
 """DPO-C&M: Diffusion-DPO on the timesteps where the model's reverse step is trustworthy.
 
-Yang, Tan, Wang, Zhou, Li, arXiv 2505.21893 (the "SDPO"/"SIPO" paper) [secondary]``[reconstructed]``: no code
+Yang, Tan, Wang, Zhou, Li, arXiv 2505.21893 (the "SDPO"/"SIPO" paper) ``[secondary]`` ``[reconstructed]``: no code
 was obtainable; METHODS.md section 2 records the confirmed facts and the reconstruction implemented here.
 """
 
@@ -10,17 +10,19 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_pref.losses import check_importance_options, dpo_clip_mask_loss
+from lightning_pref.losses.dpo_clip_mask import dpo_clip_mask_loss
+from lightning_pref.losses.importance import check_importance_options
 from lightning_pref.methods.base import PairErrors
 from lightning_pref.methods.importance import ImportanceWeightedModule
 from lightning_pref.errors import ConfigError
 
 
 class DPOClipMask(ImportanceWeightedModule):
-    """DPO-C&M [secondary]``[reconstructed]``. Per step:
+    """DPO-C&M ``[secondary]`` ``[reconstructed]``. Per step:
 
     1. importance weights ``w_w, w_l`` of each pair's shared timestep, from the policy's errors
-       (``log w_t = -c_t * err_theta``, stop-gradient; see :class:`ImportanceWeightedModule`);
+       (``log w_t = -c_t * err_theta``, stop-gradient; see
+       [`ImportanceWeightedModule`][lightning_pref.methods.importance.ImportanceWeightedModule]);
     2. the mask ``m = 1[w_w >= tau] * 1[w_l >= tau]``;
     3. ``L = -sum(m * log sigmoid(u)) / max(sum(m), 1)``, ``u`` optionally clipped to ``[-margin_clip, margin_clip]``.
 
@@ -30,8 +32,10 @@ class DPOClipMask(ImportanceWeightedModule):
     Args:
         mask_threshold: ``tau`` (0.9; must be set: the mask is the method).
         margin_clip: symmetric clip of ``u`` (``None``: none) ``[reconstructed]``.
-        **kwargs: the importance-weight options of :class:`ImportanceWeightedModule` and the options of
-            :class:`~lightning_pref.methods.base.PreferenceDiffusionModule` (``beta`` in Diffusion-DPO units).
+        **kwargs: the importance-weight options of
+            [`ImportanceWeightedModule`][lightning_pref.methods.importance.ImportanceWeightedModule] and the options of
+            [`PreferenceDiffusionModule`][lightning_pref.methods.base.PreferenceDiffusionModule] (``beta`` in
+            Diffusion-DPO units).
     """
 
     def __init__(self, *args: Any, mask_threshold: float = 0.9, margin_clip: float | None = None, **kwargs: Any):

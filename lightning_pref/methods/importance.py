@@ -2,9 +2,10 @@
 
 ``w_t = p_theta(x_prev | x_t) / q(x_prev | x_t, x0)`` -- the current model's reverse step over the forward
 posterior, *not* policy over reference -- computed in closed form by
-:meth:`~lightning_pref.processes.NoiseProcess.log_importance_weight` from the policy's (detached) error,
-for DDPM epsilon- and v-prediction and for flow matching alike. ``[reconstructed]``: every choice below is an
-option.
+[`log_importance_weight`][lightning_pref.processes.NoiseProcess.log_importance_weight] from the policy's
+(detached) error, for DDPM epsilon- and v-prediction and for flow matching alike. ``[reconstructed]``: every
+choice below is an option. The mask, the clipped weight and their option checks:
+[`losses.importance`][lightning_pref.losses.importance].
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_pref.losses import check_importance_options, importance_mask, timestep_bucket_means
+from lightning_pref.losses.importance import check_importance_options, importance_mask, timestep_bucket_means
 from lightning_pref.methods.base import NoisyPairs, PairErrors, PairRandomness, PreferenceDiffusionModule, PreferencePairs
 from lightning_pref.errors import ConfigError
 
@@ -30,7 +31,7 @@ class ImportanceWeightedModule(PreferenceDiffusionModule):
             element) they are ~1 except at the first steps. See the docs page for measured values.
         weight_estimator: ``expected`` (``-KL``, default) or ``sampled`` (the log-ratio at one draw).
         importance_step: reverse-step size in process time (``None``: one training step, ``1 / T`` for flows).
-        **kwargs: the options of :class:`~lightning_pref.methods.base.PreferenceDiffusionModule`.
+        **kwargs: the options of [`PreferenceDiffusionModule`][lightning_pref.methods.base.PreferenceDiffusionModule].
     """
 
     def __init__(

@@ -12,9 +12,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_pref.losses import implicit_reward_margin, kto_loss, pairwise_metrics
+from lightning_pref.losses.common import implicit_reward_margin, pairwise_metrics
+from lightning_pref.losses.kto import check_kto_weights, kto_loss
 from lightning_pref.methods.base import PairErrors, PreferenceDiffusionModule
-from lightning_pref.errors import ConfigError, DataError
+from lightning_pref.errors import DataError
 
 
 def mean_across_ranks(value: Tensor) -> Tensor:
@@ -35,7 +36,7 @@ class DiffusionKTO(PreferenceDiffusionModule):
 
     Data, either layout:
 
-    * unpaired batches of :class:`~lightning_pref.datamodules.unpaired.UnpairedDataModule` (``pixels`` or
+    * unpaired batches of [`UnpairedDataModule`][lightning_pref.datamodules.unpaired.UnpairedDataModule] (``pixels`` or
       ``latents``, ``label``): each sample gets its own timestep and noise (the paper's setting);
     * preference batches (``pixels_w``/``pixels_l`` or latents): *two labelled samples per pair*, the winner
       desirable, the loser undesirable, sharing the pair's timestep and noise (the base module's noising),
@@ -44,7 +45,7 @@ class DiffusionKTO(PreferenceDiffusionModule):
     Args:
         beta: 1000 (the official code; no 0.5 factor).
         desirable_weight, undesirable_weight: ``w_y`` (1 and 1).
-        **kwargs: the options of :class:`~lightning_pref.methods.base.PreferenceDiffusionModule`.
+        **kwargs: the options of [`PreferenceDiffusionModule`][lightning_pref.methods.base.PreferenceDiffusionModule].
     """
 
     pairwise = False
@@ -57,10 +58,7 @@ class DiffusionKTO(PreferenceDiffusionModule):
         undesirable_weight: float = 1.0,
         **kwargs: Any,
     ):
-        if desirable_weight < 0 or undesirable_weight < 0:
-            raise ConfigError(
-                f"desirable_weight={desirable_weight}, undesirable_weight={undesirable_weight}: use weights >= 0."
-            )
+        check_kto_weights(desirable_weight, undesirable_weight)
         super().__init__(*args, beta=beta, **kwargs)
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight
@@ -91,7 +89,7 @@ class DiffusionKTO(PreferenceDiffusionModule):
         return loss, {**pairwise_metrics(margin, *errors.as_args()), **metrics}
 
     def labelled_loss(self, policy: Tensor, reference: Tensor, desirable: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """:func:`~lightning_pref.losses.kto_loss` with the reference point averaged over all ranks."""
+        """[`kto_loss`][lightning_pref.losses.kto_loss] with the reference point averaged over all ranks."""
         reference_point = mean_across_ranks((reference - policy).detach().mean()).clamp(min=0)
         return kto_loss(
             policy, reference, desirable, self.beta, reference_point, self.desirable_weight, self.undesirable_weight

@@ -1,7 +1,7 @@
 """MaPO: reference-free preference optimization (no reference model, no reference forward).
 
 Hong, Paul, Lee, Rasul, Thorne, Jeong, "Margin-aware Preference Optimization for Aligning Diffusion Models
-without Reference", arXiv 2406.06424 [code: mapo-t2i/mapo], METHODS.md "Beyond the seeds".
+without Reference", arXiv 2406.06424 ``[code]`` (the official mapo-t2i/mapo code), METHODS.md "Beyond the seeds".
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_pref.losses import mapo_loss
+from lightning_pref.losses.mapo import check_mapo_options, mapo_loss
 from lightning_pref.methods.base import PairErrors, PreferenceDiffusionModule
-from lightning_pref.errors import ConfigError
 
 
 class MaPO(PreferenceDiffusionModule):
@@ -28,7 +27,7 @@ class MaPO(PreferenceDiffusionModule):
         beta: the margin term's weight ``beta_m`` (0.1; *not* in Diffusion-DPO units).
         error_scale: ``s`` (0.5; ``snr_value`` in the official code).
         margin_scale: ``T``; ``None`` uses the process's number of training timesteps (1000), as the code does.
-        **kwargs: the options of :class:`~lightning_pref.methods.base.PreferenceDiffusionModule`.
+        **kwargs: the options of [`PreferenceDiffusionModule`][lightning_pref.methods.base.PreferenceDiffusionModule].
     """
 
     uses_reference = False
@@ -36,8 +35,7 @@ class MaPO(PreferenceDiffusionModule):
     def __init__(
         self, *args: Any, beta: float = 0.1, error_scale: float = 0.5, margin_scale: float | None = None, **kwargs: Any
     ):
-        if error_scale <= 0 or (margin_scale is not None and margin_scale <= 0):
-            raise ConfigError(f"error_scale={error_scale}, margin_scale={margin_scale}: use positive values.")
+        check_mapo_options(error_scale, margin_scale)
         super().__init__(*args, beta=beta, **kwargs)
         self.error_scale = error_scale
         self.margin_scale = margin_scale if margin_scale is not None else float(self.process.num_train_timesteps)

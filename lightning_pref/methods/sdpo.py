@@ -1,7 +1,7 @@
 """SDPO / SIPO: importance-sampled Diffusion-DPO.
 
 Yang, Tan, Wang, Zhou, Li, arXiv 2505.21893 ("SDPO: Importance-Sampled DPO" in v1, "SIPO: Stabilized and
-Improved Preference Optimization" in v3) [secondary]``[reconstructed]``: no code was obtainable; METHODS.md
+Improved Preference Optimization" in v3) ``[secondary]`` ``[reconstructed]``: no code was obtainable; METHODS.md
 section 2 records the confirmed facts and the reconstruction implemented here. Not to be confused with the
 unrelated Diffusion-SDPO (arXiv 2511.03317), which is this library's ``loser_safeguard`` option.
 """
@@ -12,16 +12,18 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from lightning_pref.losses import check_importance_options, sdpo_loss
+from lightning_pref.losses.importance import check_importance_options
+from lightning_pref.losses.sdpo import sdpo_loss
 from lightning_pref.methods.base import PairErrors
 from lightning_pref.methods.importance import ImportanceWeightedModule
 
 
 class SDPO(ImportanceWeightedModule):
-    """SDPO / SIPO [secondary]``[reconstructed]``. Per step:
+    """SDPO / SIPO ``[secondary]`` ``[reconstructed]``. Per step:
 
     1. importance weights ``w_w, w_l`` of each pair's shared timestep (stop-gradient; see
-       :class:`ImportanceWeightedModule`), clipped: ``wc = clip(w, 1 - eps, 1 + eps)``;
+       [`ImportanceWeightedModule`][lightning_pref.methods.importance.ImportanceWeightedModule]), clipped:
+       ``wc = clip(w, 1 - eps, 1 + eps)``;
     2. ``inside`` (default): ``u_IS = -(beta/2) [wc_w (err_theta(w) - err_ref(w)) - wc_l (err_theta(l) - err_ref(l))]``,
        ``L = -mean(m * log sigmoid(u_IS))``; ``outside``: ``L = -mean(m * clip(w_w w_l) * log sigmoid(u))``;
        ``m`` is DPO-C&M's mask (``mask_threshold: null`` drops it).
@@ -31,9 +33,10 @@ class SDPO(ImportanceWeightedModule):
         weight_placement: ``inside`` or ``outside`` the log-sigmoid.
         beta: KL strength, in Diffusion-DPO units here; the paper uses much smaller values than
             Diffusion-DPO in its own units (see the docs page).
-        **kwargs: the importance-weight options of :class:`ImportanceWeightedModule` (``mask_threshold`` 0.9,
-            ``kl_reduction``, ``weight_estimator``, ``importance_step``) and those of
-            :class:`~lightning_pref.methods.base.PreferenceDiffusionModule`.
+        **kwargs: the importance-weight options of
+            [`ImportanceWeightedModule`][lightning_pref.methods.importance.ImportanceWeightedModule]
+            (``mask_threshold`` 0.9, ``kl_reduction``, ``weight_estimator``, ``importance_step``) and those of
+            [`PreferenceDiffusionModule`][lightning_pref.methods.base.PreferenceDiffusionModule].
     """
 
     def __init__(
