@@ -36,10 +36,10 @@ from diffusers import AutoencoderKL
 from safetensors.torch import save as save_safetensors
 
 from lightning_pref.backbones import StableDiffusionBackbone
-from lightning_pref.backbones.tiny import write_tiny_sd_pipeline
 from lightning_pref.datamodules import PreferenceDataModule, write_preference_shards
 from lightning_pref.datamodules.precompute import precompute_shards
 from lightning_pref.methods import DiffusionDPO
+from lightning_pref.tiny import write_tiny_sd_pipeline
 
 SHARDS = 8
 STEP_BATCH = 2

@@ -4,7 +4,7 @@ The claim of arXiv 2505.21893: weighting (SDPO) or masking (DPO-C&M) timesteps b
 weight ``w_t = p_theta(x_prev | x_t) / q(x_prev | x_t, x0)`` makes the preference gradient less noisy. This
 script measures it on the tiny SD-style model with LoRA (its ``lora_B`` perturbed so policy != reference) and
 fixed random preference pairs. For each bucket of ``t`` it draws ``--draws`` times a fresh ``(t, eps)`` per
-pair inside the bucket, runs one policy and one reference forward (``pair_errors``), and takes the gradient of
+pair inside the bucket, runs one policy and one reference forward (``sample_errors``), and takes the gradient of
 each method's own ``compute_loss`` on those errors with respect to the LoRA weights: every method sees the
 same draws, so the ratios are paired comparisons.
 
@@ -28,8 +28,8 @@ import time
 import torch
 
 from lightning_pref.backbones import StableDiffusionBackbone
-from lightning_pref.backbones.tiny import write_tiny_sd_pipeline
 from lightning_pref.methods import SDPO, DiffusionDPO, DPOClipMask, PairRandomness
+from lightning_pref.tiny import write_tiny_sd_pipeline
 
 BETA = 2000.0
 SETTINGS = {  # name -> importance options shared by DPO-C&M and SDPO
@@ -68,10 +68,9 @@ def lora_gradients(modules: dict, batch: dict, seed: int) -> tuple[dict[str, tor
     network = modules["dpo"]
     params = [p for p in network.parameters() if p.requires_grad]
     num_pairs = batch["latents_w"].shape[0]
-    noisy = {name: module.noise_pairs(module.prepare_pairs(batch, random), random) for name, module in modules.items()
-             for random in [PairRandomness.for_pairs((seed,), range(num_pairs))]}  # identical draws; each module records its step
-    conditioning = network.backbone.conditioning_for(batch)
-    errors = network.pair_errors(noisy["dpo"], conditioning, batch)
+    random = PairRandomness.for_pairs((seed,), range(num_pairs))
+    samples = network.prepare_samples(batch, random)
+    errors = network.sample_errors(network.noise_samples(samples, random), samples.conditioning, batch)
     gradients, metrics = {}, {}
     for name, module in modules.items():
         loss, metrics[name] = module.compute_loss(errors, batch)

@@ -58,8 +58,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from lightning_pref.backbones.tiny import build_clip_tokenizer, tiny_text_encoder
 from lightning_pref.rewards.toy import ColorAgreementReward, ShapeAgreementReward, WarmthReward, classify_colors
+from lightning_pref.tiny.image import build_clip_tokenizer, tiny_text_encoder
 from lightning_pref.toy import BASE_MODEL_PATH
 from lightning_pref.toy.world import COLORS, EVAL_PROMPTS, SHAPES, WORDS, ToySceneDataset, make_prompt
 

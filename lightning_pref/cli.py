@@ -7,7 +7,7 @@
     lightning-pref data toy --out data/toy
     lightning-pref export --config run/config.yaml --checkpoint run/checkpoints/last.ckpt --out tuned
 
-An error the user can fix (:mod:`lightning_pref.errors`) is printed as one line naming the key, file or
+An error the user can fix ([`lightning_pref.errors`][lightning_pref.errors]) is printed as one line naming the key, file or
 field and the fix, with exit status 2; ``LIGHTNING_PREF_DEBUG=1`` shows its traceback.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningCLI
@@ -53,7 +54,7 @@ class PreferenceCLI(LightningCLI):
 
     With ``--ckpt_path`` the run uses the config it is given: LightningCLI's default would silently replace the
     model's options by the checkpoint's hyper-parameters. The module compares the two when it loads the
-    checkpoint (:meth:`~lightning_pref.methods.base.PreferenceDiffusionModule.on_load_checkpoint`).
+    checkpoint ([`on_load_checkpoint`][lightning_pref.methods.base.PreferenceDiffusionModule.on_load_checkpoint]).
     """
 
     def __init__(self, args: list[str] | None = None, **kwargs):
@@ -73,8 +74,34 @@ class PreferenceCLI(LightningCLI):
         """``fit`` and ``validate``: a preference module defines no test or predict step."""
         return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--trust_pickled_checkpoint", type=bool, default=False,
+            help="with --ckpt_path: unpickle every part of the checkpoint (only for checkpoints you wrote yourself); "
+            "by default anything beyond plain tensors and numbers is refused",
+        )
+
     def _parse_ckpt_path(self) -> None:
-        """Keep the given config (see the class docstring)."""
+        """Keep the given config (see the class docstring); refuse, before anything runs, a checkpoint whose
+        pickled parts hold more than plain data ([`check_readable`][lightning_pref.checkpoints.check_readable])."""
+        from lightning_pref.checkpoints import check_readable
+
+        subcommand = self.config.get("subcommand")
+        ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            trusted = self.config[subcommand].get("trust_pickled_checkpoint", False)
+            check_readable(Path(ckpt_path), trust_pickle=trusted, opt_in="--trust_pickled_checkpoint true")
+
+    def before_fit(self) -> None:
+        self.trust_strategy()
+
+    def before_validate(self) -> None:
+        self.trust_strategy()
+
+    def trust_strategy(self) -> None:
+        """``--trust_pickled_checkpoint true`` also lets the strategy's own checkpoint loading unpickle."""
+        if self.config[self.subcommand].get("trust_pickled_checkpoint") and hasattr(self.trainer.strategy, "trust_pickled_checkpoint"):
+            self.trainer.strategy.trust_pickled_checkpoint = True
 
 
 def user_error_in(error: BaseException) -> UserError | None:

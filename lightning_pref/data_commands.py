@@ -1,11 +1,11 @@
 """``lightning-pref data ...``: commands that write shards.
 
-    lightning-pref data pickapic --source pickapic_v2/data --out shards/pickapic [--ties drop|keep|coin_flip]
-    lightning-pref data pairs --table pairs.csv --out shards/mine [--root images/] [--label-column label]
-    lightning-pref data video-pairs --format videoalign --source train.csv --out shards/video [--label-column Overall]
-    lightning-pref data video-pairs --format videodpo --source vidpro-dpo/ --out shards/video
-    lightning-pref data precompute --backbone StableDiffusionBackbone --pretrained PATH --in shards/pickapic --out shards/latents
-    lightning-pref data toy --out data/toy --pairs 2048 [--label-noise 0.2] [--users warm cool]
+lightning-pref data pickapic --source pickapic_v2/data --out shards/pickapic [--ties drop|keep|coin_flip]
+lightning-pref data pairs --table pairs.csv --out shards/mine [--root images/] [--label-column label]
+lightning-pref data video-pairs --format videoalign --source train.csv --out shards/video [--label-column Overall]
+lightning-pref data video-pairs --format videodpo --source vidpro-dpo/ --out shards/video
+lightning-pref data precompute --backbone StableDiffusionBackbone --pretrained PATH --in shards/pickapic --out shards/latents
+lightning-pref data toy --out data/toy --pairs 2048 [--label-noise 0.2] [--users warm cool]
 """
 
 from __future__ import annotations

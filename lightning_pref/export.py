@@ -1,4 +1,4 @@
-"""``lightning-pref export``: a training checkpoint (single file, DeepSpeed ZeRO or FSDP2 directory) to diffusers.
+r"""``lightning-pref export``: a training checkpoint (single file, DeepSpeed ZeRO or FSDP2 directory) to diffusers.
 
     lightning-pref export --config lightning_logs/version_0/config.yaml \\
         --checkpoint lightning_logs/version_0/checkpoints/last.ckpt --out tuned-model [--merge-lora]
@@ -8,8 +8,9 @@ section is read, so no GPUs, strategy or data are needed. The trained weights ar
 
 * a ZeRO-2/3 checkpoint directory, consolidated to fp32 with DeepSpeed's ``zero_to_fp32``;
 * an FSDP2 (distributed checkpoint) directory, read without starting any process group;
-* a single ``.ckpt`` file (single device, DDP), with ``weights_only=True``.
+* a single ``.ckpt`` file (single device, DDP),
 
+every pickled part as plain data ([`lightning_pref.checkpoints`][lightning_pref.checkpoints]: a crafted checkpoint is refused, not run),
 and written as
 
 * a full fine-tune: the denoiser folder (``unet/`` or ``transformer/``) in diffusers format, and, when the
@@ -17,7 +18,8 @@ and written as
 * LoRA: the adapter in diffusers' LoRA format (``pipe.load_lora_weights(out)``), or with ``--merge-lora`` the
   adapter merged into the denoiser, written like a full fine-tune.
 
-DeepSpeed and FSDP2 checkpoints are pickle-based: export only checkpoints your own runs wrote.
+``--trust-pickled-checkpoint`` unpickles without restriction, for a checkpoint your own run wrote that holds
+other objects (the refusal names the one it wanted).
 """
 
 from __future__ import annotations
@@ -25,13 +27,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
+
 import torch
 import yaml
 from torch import Tensor
 
-from lightning_pref.backbones.stable_diffusion import read_model_index
+from lightning_pref import checkpoints
+from lightning_pref.backbones.loading import read_model_index
+from lightning_pref.checkpoints import PYTHON_OPT_IN, CheckpointFormat
+from lightning_pref.errors import CheckpointError
 from lightning_pref.methods.base import PreferenceDiffusionModule
 
 
@@ -47,28 +53,43 @@ def build_module(config_path: Path) -> PreferenceDiffusionModule:
     return parser.instantiate(parser.parse_object({"model": config["model"]})).model
 
 
-def read_trained_weights(checkpoint: Path) -> dict[str, Tensor]:
+def read_trained_weights(
+    checkpoint: Path, trust_pickle: bool = False, opt_in: str = PYTHON_OPT_IN
+) -> dict[str, Tensor]:
     """Module state-dict entries from a ZeRO directory, an FSDP2 directory or a single checkpoint file."""
-    if not checkpoint.exists():
-        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist.")
-    if checkpoint.is_dir() and (checkpoint / "latest").exists():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    kind = checkpoints.checkpoint_format(checkpoint)
+    checkpoints.check_readable(checkpoint, trust_pickle, opt_in)
+    with checkpoints.loading(checkpoint, trust_pickle, opt_in):
+        if kind is CheckpointFormat.DEEPSPEED:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
-    elif checkpoint.is_dir() and (checkpoint / ".metadata").exists():
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:
-            dcp_to_torch_save(checkpoint, Path(tmp) / "state.pt")
-            state = torch.load(Path(tmp) / "state.pt", map_location="cpu", weights_only=True)["state_dict"]
-    elif checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    else:
-        raise ValueError(
-            f"--checkpoint {checkpoint} is a directory but neither a DeepSpeed checkpoint (no 'latest' file) nor a "
-            "distributed (FSDP2) checkpoint (no '.metadata'): pass the .ckpt path Lightning wrote."
-        )
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint))
+        elif kind is CheckpointFormat.DISTRIBUTED:
+            state = read_distributed_module_state(checkpoint)
+        else:
+            loaded = torch.load(checkpoint, map_location="cpu", weights_only=not trust_pickle)
+            if not isinstance(loaded, dict) or "state_dict" not in loaded:
+                raise CheckpointError(f"{checkpoint} holds no 'state_dict': it is not a checkpoint Lightning wrote.")
+            state = loaded["state_dict"]
     return {key.removeprefix("_forward_module."): value for key, value in state.items()}
+
+
+def read_distributed_module_state(checkpoint: Path) -> dict[str, Tensor]:
+    """The module state (Lightning saves it under ``state_dict``) of an FSDP2 checkpoint, on this process alone."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as load_distributed
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(checkpoint).read_metadata()
+    state = {
+        ".".join(map(str, metadata.planner_data[key][1:])): torch.empty(item.size, dtype=item.properties.dtype)
+        for key, item in metadata.state_dict_metadata.items()
+        if isinstance(item, TensorStorageMetadata) and metadata.planner_data[key][0] == "state_dict"
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # one process is the intent
+        load_distributed({"state_dict": state}, storage_reader=FileSystemReader(checkpoint), no_dist=True)
+    return state
 
 
 def load_trained_weights(module: PreferenceDiffusionModule, state: dict[str, Tensor]) -> None:
@@ -86,10 +107,15 @@ def denoiser_folder(module: PreferenceDiffusionModule) -> str:
     return "unet" if "UNet" in type(module.denoiser).__name__ else "transformer"
 
 
-def export(config: Path, checkpoint: Path, out: Path, merge_lora: bool = False) -> Path:
-    """Write the trained model of ``checkpoint`` to ``out`` (see the module docstring); returns ``out``."""
+def export(config: Path, checkpoint: Path, out: Path, merge_lora: bool = False, trust_pickle: bool = False,
+           opt_in: str = PYTHON_OPT_IN) -> Path:
+    """Write the trained model of ``checkpoint`` to ``out`` (see the module docstring); returns ``out``.
+
+    ``trust_pickle`` unpickles the checkpoint without restriction; ``opt_in`` is how a refusal names that switch.
+    """
+    state = read_trained_weights(checkpoint, trust_pickle, opt_in)  # before the base model loads: fail fast
     module = build_module(config)
-    load_trained_weights(module, read_trained_weights(checkpoint))
+    load_trained_weights(module, state)
     denoiser, folder, pretrained = module.denoiser, denoiser_folder(module), module.backbone.pretrained
     out.mkdir(parents=True, exist_ok=True)
     if module.finetune == "lora" and not merge_lora:
@@ -121,5 +147,9 @@ def export_main(args: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", type=Path, required=True, help=".ckpt file or ZeRO / FSDP2 checkpoint directory")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--merge-lora", action="store_true", help="merge a LoRA into the denoiser instead of saving the adapter")
+    parser.add_argument("--trust-pickled-checkpoint", action="store_true",
+                        help="unpickle the checkpoint without restriction: only for one your own run wrote")
     options = parser.parse_args(args)
-    print(f"wrote {export(options.config, options.checkpoint, options.out, options.merge_lora)}")
+    out = export(options.config, options.checkpoint, options.out, options.merge_lora, options.trust_pickled_checkpoint,
+                 opt_in="--trust-pickled-checkpoint")
+    print(f"wrote {out}")

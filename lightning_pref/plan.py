@@ -36,22 +36,25 @@ import functools
 import json
 import math
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+
+from lightning_pref.backbones import CogVideoXBackbone, WanBackbone
+from lightning_pref.backbones.video import TextToVideoBackbone, VideoShape
 from lightning_pref.errors import ConfigError
 
 GIB = 2**30
 STRATEGIES = ("ddp", "zero2", "zero2_offload", "zero3", "zero3_offload")
 FINETUNES = ("lora", "full")
 OBJECTIVES = ("dpo", "sft")
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-VAE_TEMPORAL, VAE_SPATIAL = 4, 8  # CogVideoX's and Wan2.1's VAEs: 4x in time, 8x in height and width
+LORA_TARGETS = TextToVideoBackbone.lora_target_modules  # CogVideoX's and Wan2.1's
 
 # The transformers' diffusers configs, the values of each model's published `transformer/config.json`
 # (THUDM/CogVideoX-2b, THUDM/CogVideoX-5b, Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan-AI/Wan2.1-T2V-14B-Diffusers),
@@ -103,19 +106,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "wan2.1-1.3b": {**_WAN, "num_attention_heads": 12, "num_layers": 30, "ffn_dim": 8960},
     "wan2.1-14b": {**_WAN, "num_attention_heads": 40, "num_layers": 40, "ffn_dim": 13824},
 }
-
-
-@dataclass(frozen=True)
-class VideoShape:
-    """One training sample: pixel frames and size, and the prompt's text tokens."""
-
-    frames: int
-    height: int
-    width: int
-    text_tokens: int
-
-    def __str__(self) -> str:
-        return f"{self.frames}x{self.height}x{self.width}"
 
 
 # ------------------------------------------------------------------------------------------ the denoiser
@@ -198,7 +188,8 @@ def cogvideox_inputs(model: nn.Module, shape: VideoShape, samples: int) -> dict[
     config = model.config
     patch, patch_t = config.patch_size, config.patch_size_t or 1
     frames = math.ceil(((shape.frames - 1) // config.temporal_compression_ratio + 1) / patch_t) * patch_t
-    height, width = shape.height // VAE_SPATIAL, shape.width // VAE_SPATIAL
+    _, spatial = CogVideoXBackbone.vae_compression
+    height, width = shape.height // spatial, shape.width // spatial
     meta = dict(device="meta", dtype=model.dtype)
     inputs = dict(
         hidden_states=torch.empty(samples, frames, config.in_channels, height, width, **meta),
@@ -217,11 +208,12 @@ def cogvideox_inputs(model: nn.Module, shape: VideoShape, samples: int) -> dict[
 def wan_inputs(model: nn.Module, shape: VideoShape, samples: int) -> dict[str, Any]:
     """Latents ``(B, C, F, H, W)``, UMT5 embeddings (and CLIP image tokens for image-to-video)."""
     config = model.config
-    frames = (shape.frames - 1) // VAE_TEMPORAL + 1
+    temporal, spatial = WanBackbone.vae_compression
+    frames = (shape.frames - 1) // temporal + 1
     meta = dict(device="meta", dtype=model.dtype)
     inputs = dict(
-        hidden_states=torch.empty(samples, config.in_channels, frames, shape.height // VAE_SPATIAL,
-                                  shape.width // VAE_SPATIAL, **meta),
+        hidden_states=torch.empty(samples, config.in_channels, frames, shape.height // spatial,
+                                  shape.width // spatial, **meta),
         encoder_hidden_states=torch.empty(samples, shape.text_tokens, config.text_dim, **meta),
         timestep=torch.empty(samples, device="meta", dtype=torch.long),
     )
@@ -232,17 +224,20 @@ def wan_inputs(model: nn.Module, shape: VideoShape, samples: int) -> dict[str, A
 
 @dataclass(frozen=True)
 class InputRecipe:
-    """How to feed one diffusers class: its inputs and its default training sample."""
+    """How to feed one family's transformer: its inputs, and the family's training sample."""
 
+    family: type[TextToVideoBackbone]
     inputs: Callable[[nn.Module, VideoShape, int], dict[str, Any]]
-    default_shape: Callable[[dict[str, Any]], VideoShape]
+
+    def default_shape(self, config: dict[str, Any]) -> VideoShape:
+        """The family's training video, with the text tokens a transformer's config fixes (CogVideoX's)."""
+        video = self.family.training_video
+        return replace(video, text_tokens=config.get("max_text_seq_length", video.text_tokens))
 
 
 INPUT_RECIPES = {
-    "CogVideoXTransformer3DModel": InputRecipe(
-        cogvideox_inputs, lambda config: VideoShape(49, 480, 720, config.get("max_text_seq_length", 226))
-    ),
-    "WanTransformer3DModel": InputRecipe(wan_inputs, lambda config: VideoShape(81, 480, 832, 512)),
+    recipe.family.denoiser_class.__name__: recipe
+    for recipe in (InputRecipe(CogVideoXBackbone, cogvideox_inputs), InputRecipe(WanBackbone, wan_inputs))
 }
 
 
@@ -541,10 +536,14 @@ def plan_main(args: list[str]) -> None:
     parser.add_argument("--gpus", nargs="+", type=positive_int, default=[8], help="GPUs per node (several: rows for each)")
     parser.add_argument("--nodes", type=positive_int, default=1)
     parser.add_argument("--batch-size", type=positive_int, default=1, help="pairs (DPO) or samples (SFT) per GPU")
-    parser.add_argument("--frames", type=positive_int, default=None, help="pixel frames (default: 49 CogVideoX, 81 Wan)")
-    parser.add_argument("--height", type=positive_int, default=None, help="default: 480")
-    parser.add_argument("--width", type=positive_int, default=None, help="default: 720 (CogVideoX), 832 (Wan)")
-    parser.add_argument("--text-tokens", type=positive_int, default=None, help="default: 226 (CogVideoX), 512 (Wan)")
+    cogvideox, wan = CogVideoXBackbone.training_video, WanBackbone.training_video
+    parser.add_argument("--frames", type=positive_int, default=None,
+                        help=f"pixel frames (default: {cogvideox.frames} CogVideoX, {wan.frames} Wan)")
+    parser.add_argument("--height", type=positive_int, default=None, help=f"default: {cogvideox.height}")
+    parser.add_argument("--width", type=positive_int, default=None,
+                        help=f"default: {cogvideox.width} (CogVideoX), {wan.width} (Wan)")
+    parser.add_argument("--text-tokens", type=positive_int, default=None,
+                        help=f"default: {cogvideox.text_tokens} (CogVideoX), {wan.text_tokens} (Wan)")
     parser.add_argument("--lora-rank", type=positive_int, default=128, help="default: 128, as CogVideoX's fine-tuning")
     parser.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS))
     options = parser.parse_args(args)

@@ -2,18 +2,18 @@
 
 Two families cover every backbone of the library:
 
-* :class:`DDPMProcess` (SD1.5, SDXL, CogVideoX): ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with an
+* ``DDPMProcess`` (SD1.5, SDXL, CogVideoX): ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps`` with an
   epsilon target or a v target ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0``; built from the checkpoint's
   diffusers scheduler config so the training noise matches its schedule exactly (CogVideoX's included).
-* :class:`FlowMatchingProcess` (SD3, FLUX, Wan2.1): ``x_t = (1 - s) x0 + s eps`` with ``s`` in [0, 1] and the
+* ``FlowMatchingProcess`` (SD3, FLUX, Wan2.1): ``x_t = (1 - s) x0 + s eps`` with ``s`` in [0, 1] and the
   velocity target ``eps - x0``.
 
 A process draws *process time* ``t`` (an integer step for DDPM, a float ``s`` for flow matching) and
-converts it to what the denoiser is fed with :meth:`NoiseProcess.model_timesteps`.
+converts it to what the denoiser is fed with ``NoiseProcess.model_timesteps``.
 
 Both families also give the **per-step importance weight** of SDPO and DPO-C&M (METHODS.md section 2),
 ``w_t = p_theta(x_prev | x_t) / q(x_prev | x_t, x0)``, in closed form from one shared formula
-(:meth:`NoiseProcess.log_importance_weight`).
+(``NoiseProcess.log_importance_weight``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 from diffusers import CogVideoXDDIMScheduler, DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
+
 from lightning_pref.errors import ConfigError
 
 
@@ -46,12 +47,21 @@ class NoiseProcess:
         self.timestep_range = (float(low), float(high))
 
     def sample_timesteps(self, num: int, generator: torch.Generator | None = None) -> Tensor:
+        """``num`` training times drawn from the process's distribution within ``timestep_range``, ``(num,)``:
+        integer steps for DDPM, ``s`` in [0, 1] for flow matching."""
+        raise NotImplementedError
+
+    def timesteps_at(self, quantiles: Tensor) -> Tensor:
+        """The training times at ``quantiles`` in [0, 1) of ``sample_timesteps``' distribution (its inverse CDF),
+        ``(N,)``: ``timesteps_at(U[0, 1))`` is distributed as ``sample_timesteps``."""
         raise NotImplementedError
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """``x_t`` of clean samples ``x0`` ``(N, ...)`` for ``noise`` (same shape) at process times ``t`` ``(N,)``."""
         raise NotImplementedError
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the denoiser regresses on at ``(x0, noise, t)``: ``eps``, ``v`` or the flow velocity ``eps - x0``."""
         raise NotImplementedError
 
     def model_timesteps(self, t: Tensor) -> Tensor:
@@ -125,7 +135,7 @@ class NoiseProcess:
             squared_error: ``|prediction - target|^2`` of each sample, ``(N,)``: the *sum* over elements for the
                 KL of the whole latent, or the *mean* for the KL per element (the methods' ``kl_reduction``).
             estimator: ``expected`` or ``sampled``.
-            step: reverse-step size in process time (``None``: one training step; see :meth:`previous_time`).
+            step: reverse-step size in process time (``None``: one training step; see ``previous_time``).
             standard_normal: ``xi``, ``(N,)``, for the ``sampled`` estimator (drawn here when ``None``).
 
         Returns:
@@ -169,7 +179,7 @@ class DDPMProcess(NoiseProcess):
 
     Args:
         scheduler_config: a diffusers scheduler config (``DDPMScheduler``-compatible keys); the schedule and the
-            sampler are those of :func:`ddpm_scheduler_class` (``DDIMScheduler``, or CogVideoX's own).
+            sampler are those of ``ddpm_scheduler_class`` (``DDIMScheduler``, or CogVideoX's own).
         timestep_range: train only on ``t`` in ``[low, high) * num_train_timesteps``.
         error_weighting: ``constant`` (Diffusion-DPO) or ``min_snr`` (Hang et al. 2023, ``gamma`` = 5).
     """
@@ -199,8 +209,17 @@ class DDPMProcess(NoiseProcess):
         self.alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
 
     def sample_timesteps(self, num: int, generator: torch.Generator | None = None) -> Tensor:
+        low, high = self.step_range()
+        return torch.randint(low, high, (num,), generator=generator)
+
+    def timesteps_at(self, quantiles: Tensor) -> Tensor:
+        low, high = self.step_range()
+        return (low + (quantiles.double() * (high - low)).floor().long()).clamp(max=high - 1)
+
+    def step_range(self) -> tuple[int, int]:
+        """``[low, high)`` training steps of ``timestep_range``."""
         low, high = (round(f * self.num_train_timesteps) for f in self.timestep_range)
-        return torch.randint(low, max(high, low + 1), (num,), generator=generator)
+        return low, max(high, low + 1)
 
     def _coefficients(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
         abar = self.alphas_cumprod[t.cpu()]
@@ -289,7 +308,7 @@ class FlowMatchingProcess(NoiseProcess):
         self.error_weighting = error_weighting
 
     @classmethod
-    def from_scheduler_config(cls, scheduler_config: dict[str, Any], **options: Any) -> "FlowMatchingProcess":
+    def from_scheduler_config(cls, scheduler_config: dict[str, Any], **options: Any) -> FlowMatchingProcess:
         return cls(
             num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000),
             shift=scheduler_config.get("shift", 1.0),
@@ -301,6 +320,15 @@ class FlowMatchingProcess(NoiseProcess):
             s = torch.rand(num, generator=generator)
         else:
             s = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(num, generator=generator))
+        return self.shifted(s)
+
+    def timesteps_at(self, quantiles: Tensor) -> Tensor:
+        u = quantiles.double()
+        s = u if self.time_sampling == "uniform" else torch.sigmoid(self.logit_mean + self.logit_std * torch.special.ndtri(u))
+        return self.shifted(s.float())
+
+    def shifted(self, s: Tensor) -> Tensor:
+        """``s`` in [0, 1) mapped into ``timestep_range``, then through SD3's timestep shift."""
         low, high = self.timestep_range
         s = low + (high - low) * s
         return self.shift * s / (1 + (self.shift - 1) * s)

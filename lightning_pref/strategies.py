@@ -2,7 +2,7 @@
 
 The trained weights are sharded by the strategy, as usual. The frozen *reference* of a full fine-tune is the
 part that silently costs a whole extra model per GPU if nobody takes care of it (it is not a submodule, so no
-strategy sees it). :func:`shard_reference` decides what happens to it under each strategy:
+strategy sees it). ``shard_reference`` decides what happens to it under each strategy:
 
 * DDP and ZeRO-2: replicated, as every weight is (``reference_offload=True`` moves it to the CPU instead);
 * ZeRO-3: partitioned across ranks by a second, optimizer-free DeepSpeed engine with the same ZeRO-3 settings
@@ -10,32 +10,61 @@ strategy sees it). :func:`shard_reference` decides what happens to it under each
 * FSDP2: sharded with ``fully_shard`` like the policy, and all-gathered per block during its forward.
 
 With LoRA there is no copy: the reference is the sharded policy with its adapters disabled.
+
+Both strategy classes here load checkpoints (``fit`` / ``validate --ckpt_path``) as plain data: a pickle that
+would run code is refused ([`lightning_pref.checkpoints`][lightning_pref.checkpoints]) unless ``trust_pickled_checkpoint=True``.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import ModelParallelStrategy as LightningModelParallelStrategy
 from torch import nn
 
+from lightning_pref import checkpoints
 
-class DeepSpeedStrategy(LightningDeepSpeedStrategy):
-    """Lightning's DeepSpeed strategy, which also runs on CPU processes (gloo), and saves trained weights only.
+#: How a refusal names the opt-in of the strategies below.
+STRATEGY_OPT_IN = "the strategy's trust_pickled_checkpoint=True (trainer.strategy.init_args)"
 
-    On GPUs it is Lightning's ``DeepSpeedStrategy`` unchanged. On CPU (tests, this project's CI) it skips the two
-    CUDA-only checks and tells DeepSpeed which rank owns which process. ``exclude_frozen_parameters`` defaults
-    to ``True``: frozen encoders, VAE and the LoRA base reload from the backbone, so checkpoints hold what was
-    trained. The presets in ``examples/strategies/`` set ``stage`` and the offload switches::
+
+class PlainDataCheckpointLoading:
+    """Mixin for a Lightning strategy: ``load_checkpoint`` first opens every pickled part of the checkpoint as
+    plain data (a one-line refusal otherwise), then lets Lightning load it with DeepSpeed's and
+    ``torch.distributed.checkpoint``'s loads kept to plain data too. ``trust_pickled_checkpoint`` restores
+    Lightning's unrestricted loading, for checkpoints your own runs wrote."""
+
+    trust_pickled_checkpoint: bool
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path, trusted = Path(checkpoint_path), self.trust_pickled_checkpoint
+        checkpoints.check_readable(path, trusted, STRATEGY_OPT_IN)
+        with checkpoints.loading(path, trusted, STRATEGY_OPT_IN):
+            return super().load_checkpoint(checkpoint_path, weights_only if trusted else True)
+
+
+class DeepSpeedStrategy(PlainDataCheckpointLoading, LightningDeepSpeedStrategy):
+    """Lightning's DeepSpeed strategy, which also runs on CPU processes (gloo), saves trained weights only, and
+    loads ZeRO checkpoints as plain data.
+
+    On GPUs it is Lightning's ``DeepSpeedStrategy`` otherwise unchanged. On CPU (tests, this project's CI) it
+    skips the two CUDA-only checks and tells DeepSpeed which rank owns which process.
+    ``exclude_frozen_parameters`` defaults to ``True``: frozen encoders, VAE and the LoRA base reload from the
+    backbone, so checkpoints hold what was trained. The presets in ``examples/strategies/`` set ``stage`` and the
+    offload switches::
 
         lightning-pref fit --config examples/sd15_diffusion_dpo.yaml --config examples/strategies/zero3.yaml
     """
 
-    def __init__(self, *args: Any, exclude_frozen_parameters: bool = True, **kwargs: Any):
+    def __init__(self, *args: Any, exclude_frozen_parameters: bool = True, trust_pickled_checkpoint: bool = False,
+                 **kwargs: Any):
         super().__init__(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        self.trust_pickled_checkpoint = trust_pickled_checkpoint
 
     @property
     def on_cpu(self) -> bool:
@@ -96,6 +125,15 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         return engine
 
 
+class ModelParallelStrategy(PlainDataCheckpointLoading, LightningModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2), which loads distributed checkpoints as plain data
+    (``.metadata`` through a restricted unpickler, every other pickle weights-only). The ``fsdp2`` preset names it."""
+
+    def __init__(self, *args: Any, trust_pickled_checkpoint: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.trust_pickled_checkpoint = trust_pickled_checkpoint
+
+
 def frozen_encoders(module: nn.Module) -> list[nn.Module]:
     """The backbone's frozen parts besides the denoiser: text encoders and VAE."""
     backbone = getattr(module, "backbone", None)
@@ -140,8 +178,20 @@ def shard_reference(reference: nn.Module, strategy: Any, mesh: Any = None) -> nn
                 "lightning_pref.strategies.DeepSpeedStrategy (class_path) instead of Lightning's DeepSpeedStrategy."
             )
         return strategy.reference_engine(reference)
-    if isinstance(strategy, ModelParallelStrategy):
+    if isinstance(strategy, LightningModelParallelStrategy):
         return fully_shard_blocks(reference, mesh)
+    return None
+
+
+def engine_dtype(strategy: Any) -> torch.dtype | None:
+    """The dtype DeepSpeed runs the module's weights in (its config's ``bf16`` or ``fp16``), else ``None``: a
+    replicated frozen reference (ZeRO-2) must run in it too, as its inputs do."""
+    if not isinstance(strategy, LightningDeepSpeedStrategy):
+        return None
+    config = strategy.config or {}
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if (config.get(key) or {}).get("enabled"):
+            return dtype
     return None
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lightning_pref.backbones import StableDiffusionBackbone
-from lightning_pref.backbones.tiny import write_tiny_sd_pipeline
 from lightning_pref.datamodules import write_preference_shards
+from lightning_pref.tiny import write_tiny_sd_pipeline
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))  # the machine's two cores
 

@@ -23,14 +23,15 @@ import deepspeed.ops
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from lightning_pref.backbones import CogVideoXBackbone, StableDiffusion3Backbone, StableDiffusionBackbone, WanBackbone
 from lightning_pref.callbacks import SampleGrid
 from lightning_pref.methods import DiffusionDPO
-from lightning_pref.strategies import DeepSpeedStrategy
+from lightning_pref.reference import FrozenCopy
+from lightning_pref.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip compiling the shared-memory comm op
 GLOBAL_BATCH = 4
@@ -83,7 +84,7 @@ class Record(pl.Callback):
 
     def on_train_start(self, trainer, module):
         self.reference_before = self.reference_output(module)
-        reference = module._reference_copy if module._reference_copy is not None else module.denoiser
+        reference = module.reference.copy if isinstance(module.reference, FrozenCopy) else module.denoiser
         self.reference_local = sum(local_numel(p) for p in reference.parameters())
         self.reference_total = sum(full_numel(p) for p in reference.parameters())
 
@@ -93,15 +94,46 @@ class Record(pl.Callback):
     def on_train_end(self, trainer, module):
         record = {
             "losses": self.losses,
+            "errors": module.errors_by_step,
             "reference_local": self.reference_local,
             "reference_total": self.reference_total,
             "reference_change": (self.reference_output(module) - self.reference_before).abs().max().item(),
-            "reference_sharded": module._reference_sharded,
+            "reference_sharded": isinstance(module.reference, FrozenCopy) and module.reference.sharded,
+            "reference_dtype": str(next(module.reference.copy.parameters()).dtype) if isinstance(module.reference, FrozenCopy) else None,
         }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
         state = gathered_state(module.denoiser, trainer.strategy)
         if trainer.global_rank == 0:
             save_file(state, self.out_dir / "final_denoiser.safetensors")
+
+
+class RecordingDPO(DiffusionDPO):
+    """Diffusion-DPO that keeps each step's per-sample errors (``errors_by_step``), trained with plain SGD.
+
+    SGD moves the weights by ``lr * gradient``, so a rounding difference between two runs stays a rounding
+    difference in the next step's weights; AdamW divides each gradient by its running RMS, which turns a
+    gradient that is zero up to rounding into a full ``lr``-sized step of either sign.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.errors_by_step: dict[int, dict[str, list[float]]] = {}
+
+    def compute_loss(self, errors, batch):
+        self.errors_by_step[self.global_step + 1] = {
+            name: value.detach().float().tolist() for name, value in zip(("policy_w", "policy_l", "ref_w", "ref_l"), errors.as_args())
+        }
+        return super().compute_loss(errors, batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
+
+
+def training_module(pipeline: str, backbone: str = "sd", finetune: str = "full") -> RecordingDPO:
+    """The module every run of this script trains (tests rebuild it to load its checkpoints)."""
+    # All in float32 (the T5 encoders default to bfloat16), so one process and N differ by fp32 rounding alone.
+    options = {} if backbone == "sd" else {"text_encoder_dtype": "float32"}
+    return RecordingDPO(BACKBONES[backbone][0](str(pipeline), **options), beta=500.0, finetune=finetune, lr=1e-3, seed=7)
 
 
 def gathered_state(denoiser: torch.nn.Module, strategy) -> dict[str, torch.Tensor]:
@@ -142,15 +174,17 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--precision", default="32-true")
     args = parser.parse_args()
-    backbone_class, pixel_shape = BACKBONES[args.backbone]
-    module = DiffusionDPO(backbone_class(args.pipeline), beta=500.0, finetune=args.finetune, lr=1e-4, seed=7)
+    pixel_shape = BACKBONES[args.backbone][1]
+    module = training_module(args.pipeline, args.backbone, args.finetune)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,
         num_nodes=args.nodes,
         strategy=strategy_for(args.strategy, args.devices * args.nodes),
         max_steps=args.steps,
+        precision=args.precision,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from shard_helpers import append_members
 
 from lightning_pref.datamodules import write_preference_shards
-from shard_helpers import append_members
 
 SCRIPT = Path(__file__).with_name("scripts") / "interrupted_fit.py"
 

@@ -8,13 +8,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline, DDIMScheduler
-
-from lightning_pref.backbones import CogVideoXBackbone
-from lightning_pref.backbones.tiny_video import write_tiny_cogvideox_pipeline
-from lightning_pref.datamodules import VideoPreferenceDataModule, write_preference_shards
-from lightning_pref.datamodules.media import encode_video
-from lightning_pref.methods import DiffusionDPO
-from lightning_pref.processes import DDPMProcess
 from video_helpers import (
     METHODS,
     check_example_config_parses,
@@ -22,6 +15,13 @@ from video_helpers import (
     check_two_step_fit,
     fit,
 )
+
+from lightning_pref.backbones import CogVideoXBackbone
+from lightning_pref.datamodules import VideoPreferenceDataModule, write_preference_shards
+from lightning_pref.datamodules.media import encode_video
+from lightning_pref.methods import DiffusionDPO
+from lightning_pref.processes import DDPMProcess
+from lightning_pref.tiny import write_tiny_cogvideox_pipeline
 
 
 @pytest.fixture(scope="session")

@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import random_pairs
 from diffusers import StableDiffusion3Pipeline
+from test_module import trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import random_pairs
 from lightning_pref.backbones import StableDiffusion3Backbone
-from lightning_pref.backbones.tiny import write_tiny_sd3_pipeline
 from lightning_pref.cli import main as cli_main
 from lightning_pref.datamodules import PreferenceDataModule
 from lightning_pref.datamodules.precompute import precompute_shards
 from lightning_pref.methods import DMPO, SDPO, SEEDPO, DiffusionDPO, DiffusionKTO, DPOClipMask, MaPO
-from test_module import trainer
+from lightning_pref.tiny import write_tiny_sd3_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "a blue dog"]
@@ -42,7 +42,7 @@ def tiny_sd3_no_t5(tmp_path_factory):
 
 
 def diffusers_pipeline(path, with_t5):
-    """diffusers' own StableDiffusion3Pipeline on the same directory, the reference for conditioning and sampling."""
+    """Diffusers' own StableDiffusion3Pipeline on the same directory, the reference for conditioning and sampling."""
     without_t5 = {} if with_t5 else dict(text_encoder_3=None, tokenizer_3=None)
     pipeline = StableDiffusion3Pipeline.from_pretrained(str(path), **without_t5)
     pipeline.set_progress_bar_config(disable=True)
@@ -125,17 +125,17 @@ def test_the_transformer_trains_on_flow_inputs_and_velocity_targets(tiny_sd3, tm
     """x_t = (1 - s) x0 + s eps, target eps - x0, and the transformer sees x_t at timestep 1000 s."""
     module = DiffusionDPO(StableDiffusion3Backbone(str(tiny_sd3)))
     noised, seen = [], []
-    noise_pairs = module.noise_pairs
+    noise_samples = module.noise_samples
 
-    def recorded_noise_pairs(*args, **kwargs):
-        noised.append(noise_pairs(*args, **kwargs))
+    def recorded_noise_samples(*args, **kwargs):
+        noised.append(noise_samples(*args, **kwargs))
         return noised[-1]
 
-    module.noise_pairs = recorded_noise_pairs
+    module.noise_samples = recorded_noise_samples
     module.denoiser.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs), with_kwargs=True)
     generator = torch.Generator().manual_seed(0)
     latents_w, latents_l = torch.randn(2, 3, 16, 8, 8, generator=generator)
-    pairs = [{"latents_w": w, "latents_l": l, "prompt": p} for w, l, p in zip(latents_w, latents_l, PROMPTS + ["a"])]
+    pairs = [{"latents_w": w, "latents_l": loser, "prompt": p} for w, loser, p in zip(latents_w, latents_l, PROMPTS + ["a"])]
     trainer(tmp_path, 1).fit(module, DataLoader(pairs, batch_size=3))
 
     (noisy,), (policy_inputs, reference_inputs) = noised, seen

@@ -7,10 +7,15 @@ import shutil
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+from video_helpers import (
+    METHODS,
+    check_example_config_parses,
+    check_method_fits_one_step_or_refuses,
+    check_two_step_fit,
+)
 
 from lightning_pref.backbones import WanBackbone
-from lightning_pref.backbones.tiny_video import write_tiny_wan_pipeline
-from video_helpers import METHODS, check_example_config_parses, check_method_fits_one_step_or_refuses, check_two_step_fit
+from lightning_pref.tiny import write_tiny_wan_pipeline
 
 VIDEO_SIZE = dict(num_frames=5, height=16, width=16)  # the tiny pipeline's videos; Wan's config has no size
 

@@ -3,7 +3,6 @@
 
 import pytest
 import yaml
-
 from cli_helpers import REPO, run_cli, tiny_config, write_config
 
 

@@ -1,20 +1,18 @@
 """The image preference DataModule: batches, augmentation, label noise, user groups, skipped samples."""
 
-import io
 import logging
-import tarfile
 
 import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from shard_helpers import append_members
 
 from lightning_pref.datamodules import PickAPicDataModule, PreferenceDataModule, write_preference_shards
 from lightning_pref.datamodules.media import Geometry
 from lightning_pref.errors import DataError
-from lightning_pref.seeding import unit_hash
-from shard_helpers import append_members
 from lightning_pref.methods import DiffusionDPO
+from lightning_pref.seeding import unit_hash
 
 WHITE, BLACK = np.full((8, 8, 3), 255, dtype=np.uint8), np.zeros((8, 8, 3), dtype=np.uint8)
 

@@ -1,18 +1,22 @@
 """`lightning-pref export`: a LoRA run's checkpoint to diffusers' LoRA format, or merged into the denoiser.
 
-(Full fine-tunes from single-file, ZeRO-3 and FSDP2 checkpoints are exported in tests/test_strategies.py.)
+(Full fine-tunes from single-file, ZeRO-3 and FSDP2 checkpoints are exported in tests/test_strategies.py;
+crafted and damaged checkpoints of every format are refused in tests/hostile/test_checkpoints.py.)
 """
+
+import argparse
 
 import pytest
 import torch
 import yaml
+from conftest import random_pairs
 from diffusers import StableDiffusionPipeline
+from test_module import trainer
 from torch.utils.data import DataLoader
 
-from conftest import random_pairs
 from lightning_pref.cli import main
-from lightning_pref.export import build_module, export
-from test_module import trainer
+from lightning_pref.errors import CheckpointError
+from lightning_pref.export import build_module, export, export_main
 
 
 def run_config(tiny_sd, path, **options):
@@ -68,8 +72,20 @@ def test_a_config_from_another_run_is_refused_by_name(tiny_sd, lora_run, tmp_pat
     _, checkpoint, _ = lora_run
     with pytest.raises(KeyError, match="different runs"):
         export(run_config(tiny_sd, tmp_path / "rank8.yaml", lora_rank=8, lora_target_modules=["to_q", "ff.net.2"]), checkpoint, tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match="--checkpoint"):
+    with pytest.raises(FileNotFoundError, match="missing.ckpt does not exist"):
         export(run_config(tiny_sd, tmp_path / "c.yaml"), tmp_path / "missing.ckpt", tmp_path / "out")
     (tmp_path / "empty.yaml").write_text("trainer: {}\n")
     with pytest.raises(KeyError, match="no 'model' section"):
         export(tmp_path / "empty.yaml", checkpoint, tmp_path / "out")
+
+
+def test_a_checkpoint_holding_other_objects_exports_only_with_the_opt_in(lora_run, tmp_path):
+    config, checkpoint, _ = lora_run
+    own = tmp_path / "own.ckpt"  # e.g. a run of one's own that saved its arguments beside the weights
+    torch.save({**torch.load(checkpoint, weights_only=True), "args": argparse.Namespace(steps=3)}, own)
+    command = ["--config", str(config), "--checkpoint", str(own), "--out", str(tmp_path / "lora")]
+    refusal = r"own.ckpt refers to the Python global 'argparse.Namespace'.*--trust-pickled-checkpoint\.$"
+    with pytest.raises(CheckpointError, match=refusal):
+        export_main(command)
+    export_main([*command, "--trust-pickled-checkpoint"])
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").exists()

@@ -8,16 +8,27 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import random_pairs
+from test_module import perturb_lora, trainer
 from torch.utils.data import DataLoader
 
-from conftest import random_pairs
 from lightning_pref.backbones import StableDiffusionBackbone
 from lightning_pref.cli import main as cli_main
 from lightning_pref.errors import DataError
 from lightning_pref.losses import dmpo_loss, entropy_regularized_reference, implicit_reward_margin
-from lightning_pref.methods import DMPO, SDPO, SEEDPO, SIPO, DiffusionDPO, DiffusionKTO, DPOClipMask, MaPO, PairRandomness
+from lightning_pref.methods import (
+    DMPO,
+    SDPO,
+    SEEDPO,
+    SIPO,
+    DiffusionDPO,
+    DiffusionKTO,
+    DPOClipMask,
+    MaPO,
+    PairRandomness,
+    Samples,
+)
 from lightning_pref.processes import FlowMatchingProcess
-from test_module import perturb_lora, trainer
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILY = {
@@ -37,8 +48,8 @@ def batch_of(num_pairs=4, size=16):
 def step_errors(module, batch, seed=0):
     """One step's errors, as the training step computes them."""
     random = PairRandomness.for_pairs((seed,), range(len(batch["prompt"])))
-    pairs = module.prepare_pairs(batch, random)
-    return module.pair_errors(module.noise_pairs(pairs, random), pairs.conditioning, batch)
+    samples = module.prepare_samples(batch, random)
+    return module.sample_errors(module.noise_samples(samples, random), samples.conditioning, batch)
 
 
 def lora_gradient(module, value):
@@ -115,7 +126,7 @@ def test_sampled_weights_follow_the_step_seed(sd_backbone):
 # ------------------------------------------------------------------------------------------------- MaPO
 def test_mapo_builds_no_reference_copy(sd_backbone):
     module = MaPO(sd_backbone, finetune="full")
-    assert module._reference_copy is None
+    assert module.reference is None
     assert not any(name.startswith("_reference") for name, _ in module.named_modules())
 
 
@@ -157,10 +168,11 @@ def test_kto_on_unpaired_samples_draws_noise_per_sample_and_routes_labels(sd_bac
 
     random = PairRandomness.for_pairs((3,), range(4))  # the same streams, by hand
     x0 = sd_backbone.encode_pixels(pixels, random.generators)
-    noisy = module.noised(x0, random.normal(tuple(x0.shape[1:])), random.timesteps(module.process))
+    conditioning = sd_backbone.encode_prompts(batch["prompt"])
+    noisy = module.noise_samples(Samples(x0, conditioning, num_pairs=None), random)
     assert len(noisy.timesteps.unique()) == 4  # each sample its own timestep (and noise)
-    _, policy, reference = module.sample_errors(noisy, sd_backbone.encode_prompts(batch["prompt"]), batch)
-    reward = reference - policy
+    errors = module.sample_errors(noisy, conditioning, batch)
+    reward = errors.reference - errors.policy
     torch.testing.assert_close(logged["desirable_reward"], reward[[0, 2]].mean())
     torch.testing.assert_close(logged["undesirable_reward"], reward[[1, 3]].mean())
     torch.testing.assert_close(loss, logged["loss"])

@@ -5,13 +5,13 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import random_pairs
 from torch.utils.data import DataLoader
 
-from conftest import random_pairs
 from lightning_pref.backbones import StableDiffusionBackbone
 from lightning_pref.errors import CheckpointError, DataError
-from lightning_pref.methods import DiffusionDPO
-from lightning_pref.methods.base import PairRandomness, PreferenceDiffusionModule, PreferencePairs
+from lightning_pref.methods import DiffusionDPO, PairRandomness, PreferenceDiffusionModule, Samples
+from lightning_pref.reference import FrozenCopy
 
 
 def trainer(tmp_path, steps, **kwargs):
@@ -43,7 +43,8 @@ def perturb_lora(module):
 def test_winner_and_loser_share_timestep_and_noise(sd_backbone):
     module = DiffusionDPO(sd_backbone)
     latents = torch.randn(3, 4, 8, 8)
-    noisy = module.noise_pairs(PreferencePairs(latents, latents.clone(), {}), PairRandomness.for_pairs((0,), range(latents.shape[0])))
+    samples = Samples(torch.cat([latents, latents]), {}, num_pairs=3)
+    noisy = module.noise_samples(samples, PairRandomness.for_pairs((0,), range(3)))
     x_w, x_l = noisy.x_t.chunk(2)
     t_w, t_l = noisy.timesteps.chunk(2)
     torch.testing.assert_close(x_w, x_l)  # equal clean latents + shared (t, eps) -> equal x_t
@@ -58,13 +59,13 @@ def test_every_step_micro_batch_and_pair_draws_its_own_stream(sd_backbone):
     batch = {"prompt": ["a"] * 4}
 
     def first_draws(step: int, rank: int, batch_idx: int) -> list[float]:
-        module._trainer = SimpleNamespace(accumulate_grad_batches=256, global_step=step, global_rank=rank)
+        module._trainer = SimpleNamespace(accumulate_grad_batches=256, global_step=step, global_rank=rank, world_size=2)
         return module.step_randomness(batch, batch_idx, "train").uniform().tolist()
 
     draws = [value for step in range(3) for batch_idx in range(step * 256, step * 256 + 256) for value in first_draws(step, 0, batch_idx)]
     assert len(set(draws)) == len(draws) == 3 * 256 * 4
     one_rank = first_draws(5, 0, 7) + first_draws(5, 1, 7)  # ranks 0 and 1 of 4 pairs each: global pairs 0-7
-    module._trainer = SimpleNamespace(accumulate_grad_batches=256, global_step=5, global_rank=0)
+    module._trainer = SimpleNamespace(accumulate_grad_batches=256, global_step=5, global_rank=0, world_size=1)
     assert module.step_randomness({"prompt": ["a"] * 8}, 7, "train").uniform().tolist() == one_rank
     module._trainer = None
 
@@ -76,8 +77,8 @@ def test_only_trainable_parameters_receive_gradients(sd_backbone, finetune):
         perturb_lora(module)
     batch = next(iter(loader()))
     random = PairRandomness.for_pairs((0,), range(len(batch["prompt"])))
-    pairs = module.prepare_pairs(batch, random)
-    errors = module.pair_errors(module.noise_pairs(pairs, random), pairs.conditioning, batch)
+    samples = module.prepare_samples(batch, random)
+    errors = module.sample_errors(module.noise_samples(samples, random), samples.conditioning, batch)
     loss, _ = module.compute_loss(errors, batch)
     loss.backward()
     with_grad = {name for name, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -119,17 +120,18 @@ def test_reference_never_changes_while_the_policy_trains(tmp_path, tiny_sd, fine
 
 def test_frozen_copy_is_outside_the_module_and_optimizer(sd_backbone):
     module = DiffusionDPO(sd_backbone, finetune="full")
-    reference_params = {id(p) for p in module._reference_copy.parameters()}
+    assert isinstance(module.reference, FrozenCopy)
+    reference_params = {id(p) for p in module.reference.copy.parameters()}
     assert not reference_params & {id(p) for p in module.parameters()}
-    assert "_reference_copy" not in dict(module.named_children())
+    assert not any(child is module.reference.copy for child in module.modules())
 
 
 def test_offloaded_reference_stays_on_cpu_and_matches(sd_backbone):
     module = DiffusionDPO(sd_backbone, finetune="full", reference_offload=True)
     module.to(torch.float64)  # a move the offloaded copy does not follow
-    assert next(module._reference_copy.parameters()).dtype == torch.float32
+    assert next(module.reference.copy.parameters()).dtype == torch.float32
     with module.reference_denoiser() as reference:
-        assert reference is module._reference_copy
+        assert reference is module.reference.copy
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
@@ -251,7 +253,7 @@ def test_adafactor_optimizer(tmp_path, sd_backbone):
 
 def test_gradient_checkpointing_follows_the_backbone_unless_set(sd_backbone, tmp_path):
     from lightning_pref.backbones import CogVideoXBackbone
-    from lightning_pref.backbones.tiny_video import write_tiny_cogvideox_pipeline
+    from lightning_pref.tiny import write_tiny_cogvideox_pipeline
 
     video = CogVideoXBackbone(str(write_tiny_cogvideox_pipeline(tmp_path / "cog")))
     assert DiffusionDPO(video).denoiser.gradient_checkpointing  # billion-parameter family: on by default

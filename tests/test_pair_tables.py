@@ -6,13 +6,13 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from shard_helpers import read_samples
 
 from lightning_pref.data_commands import data_main
 from lightning_pref.datamodules import PreferenceDataModule, VideoPreferenceDataModule
 from lightning_pref.datamodules.media import encode_video
 from lightning_pref.datamodules.pairs import PairColumns, convert_pair_table, convert_videodpo
 from lightning_pref.errors import DataError, MissingFileError
-from shard_helpers import read_samples
 
 
 def write_csv(path, rows):

@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from shard_helpers import read_samples
 
 from lightning_pref.datamodules import PreferenceDataModule
 from lightning_pref.datamodules.pickapic import convert_pickapic
 from lightning_pref.errors import DataError, MissingFileError
-from shard_helpers import read_samples
 
 
 def jpeg(value: int) -> bytes:

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
+from shard_helpers import read_samples
 
 from lightning_pref.backbones import StableDiffusionBackbone, StableDiffusionXLBackbone
 from lightning_pref.data_commands import data_main
 from lightning_pref.datamodules import PreferenceDataModule, UnpairedDataModule, write_unpaired_shards
 from lightning_pref.datamodules.precompute import load_backbone, precompute_shards
 from lightning_pref.methods import DiffusionDPO
-from shard_helpers import read_samples
 
 
 @pytest.mark.parametrize("variant", ["sd", "sdxl"])

@@ -63,3 +63,28 @@ def test_bad_options_raise_clear_errors():
         DDPMProcess(scheduler("sample").config)
     with pytest.raises(ValueError, match="time_sampling"):
         FlowMatchingProcess(time_sampling="cosine")
+
+
+@pytest.mark.parametrize(
+    "process",
+    [DDPMProcess(DDPMScheduler().config), DDPMProcess(DDPMScheduler().config, timestep_range=(0.2, 0.6)),
+     FlowMatchingProcess(), FlowMatchingProcess(shift=3.0, time_sampling="logit_normal", logit_mean=0.5)],
+    ids=["ddpm", "ddpm-range", "flow", "flow-logit-normal-shifted"],
+)
+def test_timesteps_at_uniform_quantiles_follow_the_sampling_distribution(process):
+    """timesteps_at is the inverse CDF of sample_timesteps: the two agree in distribution (two-sample KS)."""
+    drawn = process.sample_timesteps(20_000, torch.Generator().manual_seed(0)).double()
+    at_quantiles = process.timesteps_at(torch.rand(20_000, generator=torch.Generator().manual_seed(1))).double()
+    grid = torch.linspace(float(drawn.min()), float(drawn.max()), 200)
+    cdf = lambda values: (values[:, None] <= grid[None, :]).double().mean(0)  # noqa: E731
+    assert (cdf(drawn) - cdf(at_quantiles)).abs().max() < 1.63 * (2 / 20_000) ** 0.5  # KS at the 1% level
+
+
+def test_stratified_timesteps_cover_every_stratum_and_agree_across_ranks():
+    from lightning_pref.seeding import PairRandomness
+
+    process = DDPMProcess(DDPMScheduler().config)
+    whole = PairRandomness.for_pairs(("s",), range(8), total=8).timesteps(process, stratified=True)
+    assert sorted((whole // 125).tolist()) == list(range(8))  # one timestep in each eighth of [0, 1000)
+    halves = [PairRandomness.for_pairs(("s",), range(r * 4, r * 4 + 4), total=8).timesteps(process, stratified=True) for r in (0, 1)]
+    torch.testing.assert_close(torch.cat(halves), whole, rtol=0, atol=0)  # two ranks of 4 pairs draw what one of 8 does

@@ -11,10 +11,10 @@ from __future__ import annotations
 import signal
 
 import pytest
+from interrupted_runs import losses, run_fit, write_resume_shards
 from safetensors.torch import load_file
 
-from interrupted_runs import losses, run_fit, write_resume_shards
-from lightning_pref.backbones.tiny import write_tiny_sd_pipeline
+from lightning_pref.tiny import write_tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")

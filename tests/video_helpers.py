@@ -7,13 +7,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from test_module import trainer as cpu_trainer
 from torch.utils.data import DataLoader
 
 from lightning_pref import methods
 from lightning_pref.cli import main as cli_main
 from lightning_pref.methods import DiffusionDPO
 from lightning_pref.methods.base import PreferenceDiffusionModule
-from test_module import trainer as cpu_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "a blue dog", "a green circle", "a square"]
@@ -62,7 +62,7 @@ def parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def check_two_step_fit(backbone, finetune: str, tmp_path: Path) -> None:
     """Two Diffusion-DPO steps change the trained weights and leave the reference as it was."""
     module = DiffusionDPO(backbone, finetune=finetune, beta=500.0, lr=1e-3)
-    reference = module._reference_copy if finetune == "full" else module.denoiser
+    reference = module.reference.copy if finetune == "full" else module.denoiser
     before = parameters(reference)
     fit(module, tmp_path, steps=2)
     assert torch.isfinite(module.trainer.callback_metrics["train/loss"])
@@ -74,7 +74,7 @@ def check_two_step_fit(backbone, finetune: str, tmp_path: Path) -> None:
         assert all(torch.equal(after[name], before[name]) for name in frozen)  # the reference: adapters off
     else:
         assert any(not torch.equal(after[name], before[name]) for name in after)
-        torch.testing.assert_close(parameters(module._reference_copy), before, rtol=0, atol=0)
+        torch.testing.assert_close(parameters(module.reference.copy), before, rtol=0, atol=0)
 
 
 def check_method_fits_one_step_or_refuses(method: type, backbone, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Model families behind one interface (:class:`Backbone`)."""
+"""Model families behind one interface (``Backbone``)."""
 
 from lightning_pref.backbones.base import Backbone, Conditioning, concat_conditioning
 from lightning_pref.backbones.cogvideox import CogVideoXBackbone

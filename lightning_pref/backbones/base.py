@@ -3,12 +3,12 @@
 A backbone owns the frozen encoders (text encoders, VAE), the trainable denoiser and the noise process.
 Methods never touch a family's specifics; they call five things:
 
-* :meth:`Backbone.encode_prompts` -> a conditioning dict (the denoiser's keyword inputs),
-* :meth:`Backbone.encode_pixels` -> clean latents ``x0`` (identity in pixel space),
-* :attr:`Backbone.process` -> noising, targets and timesteps (:mod:`lightning_pref.processes`),
-* :meth:`Backbone.predict` -> the denoiser's output for ``(x_t, t, conditioning)``, for *any* denoiser of
+* ``Backbone.encode_prompts`` -> a conditioning dict (the denoiser's keyword inputs),
+* ``Backbone.encode_pixels`` -> clean latents ``x0`` (identity in pixel space),
+* ``Backbone.process`` -> noising, targets and timesteps ([`lightning_pref.processes`][lightning_pref.processes]),
+* ``Backbone.predict`` -> the denoiser's output for ``(x_t, t, conditioning)``, for *any* denoiser of
   the family (the policy, or a frozen reference copy),
-* :meth:`Backbone.sample` -> images from prompts, for evaluation and for self-play methods.
+* ``Backbone.sample`` -> images from prompts, for evaluation and for self-play methods.
 
 Latents are ``(B, C, H, W)`` for images. Video families use ``(B, F, C, H, W)`` (CogVideoX) or
 ``(B, C, F, H, W)`` (Wan2.1); the interface is layout-agnostic, since errors average over all non-batch
@@ -22,10 +22,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_pref.processes import NoiseProcess
 from lightning_pref.errors import DataError
+from lightning_pref.processes import NoiseProcess
 
 Conditioning = dict[str, Tensor]
+
+
+def parameter_dtype(network: nn.Module) -> torch.dtype:
+    """The dtype a network's weights are held in (float32 for one without parameters)."""
+    return next((param.dtype for param in network.parameters()), torch.float32)
+
+
+def conditioning_in(conditioning: Conditioning, dtype: torch.dtype) -> Conditioning:
+    """The conditioning with its floating tensors in ``dtype`` (the denoiser's)."""
+    return {key: value.to(dtype) if value.is_floating_point() else value for key, value in conditioning.items()}
 
 
 def concat_conditioning(parts: list[Conditioning]) -> Conditioning:
@@ -41,7 +51,8 @@ class Backbone(nn.Module):
         process: the noise process the denoiser was trained with.
         prompt_keys: conditioning keys derived from the prompt, replaced by the empty prompt's values
             under caption dropout and in the unconditional branch of classifier-free guidance.
-        lora_target_modules: default module names LoRA adapts in this family's denoiser.
+        lora_target_modules: default module names LoRA adapts in this family's denoiser (unless a family says
+            otherwise, the attention's query, key, value and output projections).
         gradient_checkpointing_by_default: whether methods checkpoint the denoiser's activations unless told
             otherwise (on for the billion-parameter transformers, whose activations dominate memory).
     """
@@ -57,8 +68,11 @@ class Backbone(nn.Module):
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
 
-    def encode_pixels(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Pixels in [-1, 1] to clean latents ``x0``."""
+    def encode_pixels(
+        self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> Tensor:
+        """Pixels in [-1, 1] to clean latents ``x0``: the VAE posterior's mode without ``generator``, else a sample
+        drawn with it (a list: one generator per sample, as ``DiagonalGaussianDistribution.sample`` takes them)."""
         raise NotImplementedError
 
     def decode_latents(self, latents: Tensor) -> Tensor:
@@ -105,7 +119,7 @@ class Backbone(nn.Module):
     def conditioning_widths(self) -> dict[str, int]:
         """The last dimension the denoiser takes of each prompt tensor, read from its config (no encoder runs)."""
         config = self.denoiser.config
-        for name in ("cross_attention_dim", "joint_attention_dim", "text_embed_dim", "text_dim"):
+        for name in ("cross_attention_dim", "text_embed_dim", "text_dim"):
             if isinstance(config.get(name), int):
                 return {"encoder_hidden_states": config[name]}
         return {}
@@ -171,13 +185,12 @@ class Backbone(nn.Module):
         denoiser: nn.Module | None = None,
         num_inference_steps: int = 25,
         guidance_scale: float = 5.0,
-        generator: torch.Generator | None = None,
         initial_noise: Tensor | None = None,
     ) -> Tensor:
         """Generate one image per prompt with classifier-free guidance; returns pixels in [0, 1].
 
-        ``initial_noise`` (or a CPU ``generator``) fixes the starting noise, so two denoisers (say, the
-        base and the tuned model) can be compared on identical seeds.
+        ``initial_noise`` (of ``latent_shape``) fixes the starting noise, so two denoisers (say, the base and
+        the tuned model) can be compared on identical seeds; without it, the noise is drawn from the global RNG.
         """
         denoiser = denoiser if denoiser is not None else self.denoiser
         device = self.device
@@ -188,13 +201,15 @@ class Backbone(nn.Module):
         if guided:
             empty = self.encode_prompts([""] * len(prompts))
             conditioning = concat_conditioning([{**conditioning, **empty}, conditioning])
+        dtype = parameter_dtype(denoiser)  # e.g. bfloat16 when DeepSpeed holds the weights in it
+        conditioning = conditioning_in(conditioning, dtype)
         if initial_noise is None:
-            initial_noise = torch.randn(self.latent_shape(len(prompts)), generator=generator)
+            initial_noise = torch.randn(self.latent_shape(len(prompts)))
         # FlowMatchEulerDiscreteScheduler has neither: its initial noise has unit scale, its inputs no rescaling.
         latents = initial_noise.to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
         scale_model_input = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
         for t in scheduler.timesteps:
-            model_input = scale_model_input(torch.cat([latents] * 2) if guided else latents, t)
+            model_input = scale_model_input(torch.cat([latents] * 2) if guided else latents, t).to(dtype)
             timesteps = t.expand(model_input.shape[0]).to(device)
             prediction = self.predict(denoiser, model_input, timesteps, conditioning).float()
             if guided:

@@ -4,7 +4,7 @@ A T5 text encoder (226 tokens), a 3D causal VAE (4x in time, 8x in space) and an
 latents laid out ``(B, F, C, H, W)``, trained by v-prediction on a DDPM schedule whose SNR is divided by
 ``snr_shift_scale`` (3) and rescaled to zero terminal SNR. CogVideoX-2B adds sin-cos position embeddings to
 the tokens; CogVideoX-5B and CogVideoX1.5-5B rotate queries and keys by 3D rotary embeddings of the latent
-grid (``use_rotary_positional_embeddings``), which :meth:`CogVideoXBackbone.predict` computes per call.
+grid (``use_rotary_positional_embeddings``), which ``CogVideoXBackbone.predict`` computes per call.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from torch import Tensor, nn
 from transformers import T5EncoderModel
 
 from lightning_pref.backbones.base import Conditioning
-from lightning_pref.backbones.video import TextToVideoBackbone
-from lightning_pref.processes import DDPMProcess
+from lightning_pref.backbones.video import TextToVideoBackbone, VideoShape
 from lightning_pref.errors import ConfigError
+from lightning_pref.processes import DDPMProcess
 
 
 class CogVideoXBackbone(TextToVideoBackbone):
@@ -28,7 +28,7 @@ class CogVideoXBackbone(TextToVideoBackbone):
 
     Latents are ``(B, F, C, H, W)``: the VAE's posterior times its ``scaling_factor``, frames first. The noise
     process is the checkpoint's own schedule (``CogVideoXDDIMScheduler`` / ``CogVideoXDPMScheduler`` config;
-    :class:`~lightning_pref.processes.DDPMProcess` reproduces the SNR shift), sampled with DDIM.
+    [`DDPMProcess`][lightning_pref.processes.DDPMProcess] reproduces the SNR shift), sampled with DDIM.
 
     Args:
         pretrained: hub id (``THUDM/CogVideoX-2b``, ``THUDM/CogVideoX-5b``) or local pipeline directory.
@@ -36,12 +36,12 @@ class CogVideoXBackbone(TextToVideoBackbone):
         max_sequence_length: T5 tokens per prompt; by default the transformer's ``max_text_seq_length`` (226).
             CogVideoX-2B's position embeddings fix it to that value.
         vae_tiling: encode and decode in spatial tiles (less memory at 480x720).
-        timestep_range, error_weighting: noise-process options (:class:`~lightning_pref.processes.DDPMProcess`).
+        timestep_range, error_weighting: noise-process options ([`DDPMProcess`][lightning_pref.processes.DDPMProcess]).
         text_encoder_dtype: dtype the frozen T5 is held in (``bfloat16`` by default: T5-XXL's 4.7B weights take
             9.5 GB instead of 19 GB on every GPU); its states reach the denoiser in the denoiser's dtype.
 
     CogVideoX1.5 patches latent frames in pairs (``patch_size_t`` 2): its videos need an even number of latent
-    frames ``(num_frames - 1) / 4 + 1`` (e.g. 77 or 85 frames, not 81), and :meth:`latent_shape` rounds down to
+    frames ``(num_frames - 1) / 4 + 1`` (e.g. 77 or 85 frames, not 81), and ``latent_shape`` rounds down to
     one (the pipeline instead pads the noise with a frame it discards before decoding).
     """
 
@@ -50,6 +50,9 @@ class CogVideoXBackbone(TextToVideoBackbone):
     vae_class = AutoencoderKLCogVideoX
     denoiser_class = CogVideoXTransformer3DModel
     mask_prompt_padding = False
+    #: CogVideoX-2B's and 5B's (their transformers' ``sample_frames``, ``sample_height x sample_width`` latents
+    #: in pixels, ``max_text_seq_length``)
+    training_video = VideoShape(frames=49, height=480, width=720, text_tokens=226)
 
     def __init__(
         self,
@@ -81,10 +84,6 @@ class CogVideoXBackbone(TextToVideoBackbone):
                 "which only CogVideoX1.5's image-to-video transformer conditions on: CogVideoXBackbone trains "
                 "text-to-video checkpoints (THUDM/CogVideoX-2b, THUDM/CogVideoX-5b, THUDM/CogVideoX1.5-5B)."
             )
-
-    @property
-    def vae_scale_factor_spatial(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def vae_scale_factor_temporal(self) -> int:

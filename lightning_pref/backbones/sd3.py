@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
 from lightning_pref.backbones.base import Backbone, Conditioning
-from lightning_pref.backbones.stable_diffusion import ImagePipelineMixin, _frozen, read_model_index, torch_dtype
+from lightning_pref.backbones.image import ImagePipelineMixin
+from lightning_pref.backbones.loading import frozen, has_component, read_model_index, torch_dtype
 from lightning_pref.processes import FlowMatchingProcess
 
 
@@ -35,7 +36,7 @@ class StableDiffusion3Backbone(ImagePipelineMixin, Backbone):
         max_sequence_length: T5 tokens (at most the T5 tokenizer's ``model_max_length``); also the length of
             the zeros standing for T5 in a pipeline without it. 256, as the SD3 pipeline.
         timestep_range, time_sampling, logit_mean, logit_std, error_weighting: noise-process options
-            (:class:`~lightning_pref.processes.FlowMatchingProcess`).
+            ([`FlowMatchingProcess`][lightning_pref.processes.FlowMatchingProcess]).
         text_encoder_dtype: dtype the frozen T5 is held in (``bfloat16`` by default: T5-XXL's 4.7B weights take
             9.5 GB instead of 19 GB on every GPU); its states reach the denoiser in the denoiser's dtype.
     """
@@ -66,21 +67,21 @@ class StableDiffusion3Backbone(ImagePipelineMixin, Backbone):
         self.denoiser = SD3Transformer2DModel.from_pretrained(pretrained, subfolder="transformer", **load)
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision)
         self.tokenizer_2 = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", revision=revision)
-        self.text_encoder = _frozen(
+        self.text_encoder = frozen(
             CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder", **load)
         )
-        self.text_encoder_2 = _frozen(
+        self.text_encoder_2 = frozen(
             CLIPTextModelWithProjection.from_pretrained(pretrained, subfolder="text_encoder_2", **load)
         )
         self.tokenizer_3 = self.text_encoder_3 = None
-        if (index.get("text_encoder_3") or [None])[0] is not None:
+        if has_component(index, "text_encoder_3"):
             self.tokenizer_3 = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer_3", revision=revision)
-            self.text_encoder_3 = _frozen(
+            self.text_encoder_3 = frozen(
                 T5EncoderModel.from_pretrained(
                     pretrained, subfolder="text_encoder_3", torch_dtype=torch_dtype(text_encoder_dtype), **load
                 )
             )
-        self.vae = _frozen(AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **load))
+        self.vae = frozen(AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **load))
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)
         self.process = FlowMatchingProcess.from_scheduler_config(
             scheduler.config,

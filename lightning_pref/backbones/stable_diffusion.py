@@ -6,99 +6,17 @@ without a ``vae`` entry in ``model_index.json`` is a pixel-space model (the toy 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from huggingface_hub import hf_hub_download
 from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from lightning_pref.backbones.base import Backbone, Conditioning
+from lightning_pref.backbones.image import ImagePipelineMixin
+from lightning_pref.backbones.loading import frozen, has_component, read_model_index
 from lightning_pref.processes import DDPMProcess
-from lightning_pref.errors import ConfigError, MissingFileError
-
-
-def read_model_index(pretrained: str, revision: str | None = None) -> dict[str, Any]:
-    """The pipeline's ``model_index.json`` (which components it has), from a local directory or the hub."""
-    local = Path(pretrained)
-    if local.is_dir():
-        index_file = local / "model_index.json"
-        if not index_file.is_file():
-            raise MissingFileError(
-                f"{local} has no model_index.json: point `pretrained` at a diffusers pipeline directory "
-                "(the folder holding unet/, text_encoder/, tokenizer/, scheduler/)."
-            )
-    elif pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
-        raise MissingFileError(
-            f"pretrained={pretrained!r} is neither a local directory nor a hub id ('namespace/name'): check the "
-            "path (relative paths are resolved from the current directory)."
-        )
-    else:
-        index_file = Path(hf_hub_download(pretrained, "model_index.json", revision=revision))
-    return json.loads(index_file.read_text())
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """``"bfloat16"`` -> ``torch.bfloat16``, with a clear error for anything that is not a floating dtype."""
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"text_encoder_dtype={name!r}: use a floating dtype name such as 'bfloat16' or 'float32'.")
-    return dtype
-
-
-def _frozen(module: nn.Module) -> nn.Module:
-    return module.requires_grad_(False).eval()
-
-
-class ImagePipelineMixin:
-    """What the image backbones (SD1.5, SDXL, SD3) share: square latents at the denoiser's ``sample_size``,
-    an optional ``AutoencoderKL`` between pixels and latents, and fixed-length tokenization.
-
-    Latents are ``(z - shift_factor) * scaling_factor`` of the VAE's posterior ``z``; ``shift_factor`` is
-    SD3's (Esser et al. 2024) and absent (0) for SD1.5 and SDXL. Without a VAE, latents are the pixels.
-    """
-
-    vae: AutoencoderKL | None
-    denoiser: nn.Module
-    device: torch.device
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def latent_shape(self, batch_size: int) -> tuple[int, ...]:
-        size = self.denoiser.config.sample_size
-        return (batch_size, self.denoiser.config.in_channels, size, size)
-
-    def tokenize(self, tokenizer: Any, prompts: list[str], max_length: int | None = None) -> Tensor:
-        """Token ids padded (or truncated) to ``max_length``, by default the tokenizer's ``model_max_length``."""
-        return tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=max_length or tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-
-    @torch.no_grad()
-    def encode_pixels(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        if self.vae is None:
-            return pixels
-        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        latents = posterior.sample(generator) if generator is not None else posterior.mode()
-        shift = self.vae.config.shift_factor or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        if self.vae is None:
-            return latents
-        shift = self.vae.config.shift_factor or 0.0
-        latents = latents / self.vae.config.scaling_factor + shift
-        return self.vae.decode(latents.to(self.vae.dtype)).sample
 
 
 class StableDiffusionBackbone(ImagePipelineMixin, Backbone):
@@ -108,7 +26,7 @@ class StableDiffusionBackbone(ImagePipelineMixin, Backbone):
         pretrained: hub id or local path of a diffusers pipeline.
         revision, variant: passed to every ``from_pretrained`` (e.g. ``variant="fp16"``).
         vae: optional separate VAE (hub id or path), e.g. an fp16-safe SDXL VAE.
-        timestep_range, error_weighting: noise-process options (:class:`~lightning_pref.processes.DDPMProcess`).
+        timestep_range, error_weighting: noise-process options ([`DDPMProcess`][lightning_pref.processes.DDPMProcess]).
     """
 
     def __init__(
@@ -126,19 +44,17 @@ class StableDiffusionBackbone(ImagePipelineMixin, Backbone):
         load = dict(revision=revision, variant=variant)
         self.denoiser = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **load)
         self.load_text_encoders(pretrained, revision, variant)
-        has_vae = vae is not None or (index.get("vae") or [None])[0] is not None
         self.vae = None
-        if has_vae:
-            source = dict(pretrained_model_name_or_path=vae) if vae else dict(
-                pretrained_model_name_or_path=pretrained, subfolder="vae", **load
-            )
-            self.vae = _frozen(AutoencoderKL.from_pretrained(**source))
+        if vae is not None:
+            self.vae = frozen(AutoencoderKL.from_pretrained(vae))
+        elif has_component(index, "vae"):
+            self.vae = frozen(AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **load))
         scheduler = DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)
         self.process = DDPMProcess(scheduler.config, timestep_range=timestep_range, error_weighting=error_weighting)
 
     def load_text_encoders(self, pretrained: str, revision: str | None, variant: str | None) -> None:
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision)
-        self.text_encoder = _frozen(
+        self.text_encoder = frozen(
             CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", revision=revision, variant=variant)
         )
 
@@ -163,7 +79,7 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
     def load_text_encoders(self, pretrained: str, revision: str | None, variant: str | None) -> None:
         super().load_text_encoders(pretrained, revision, variant)
         self.tokenizer_2 = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer_2", revision=revision)
-        self.text_encoder_2 = _frozen(
+        self.text_encoder_2 = frozen(
             CLIPTextModelWithProjection.from_pretrained(
                 pretrained, subfolder="text_encoder_2", revision=revision, variant=variant
             )

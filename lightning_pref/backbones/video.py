@@ -8,6 +8,7 @@ the transformer is called, and which noise process the checkpoint was trained wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,8 +17,21 @@ from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedModel
 
 from lightning_pref.backbones.base import Backbone, Conditioning
-from lightning_pref.backbones.stable_diffusion import _frozen, read_model_index, torch_dtype
+from lightning_pref.backbones.loading import frozen, read_model_index, torch_dtype
 from lightning_pref.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class VideoShape:
+    """One training video: pixel frames and size, and the prompt's text tokens."""
+
+    frames: int
+    height: int
+    width: int
+    text_tokens: int
+
+    def __str__(self) -> str:
+        return f"{self.frames}x{self.height}x{self.width}"
 
 
 class TextToVideoBackbone(Backbone):
@@ -32,16 +46,21 @@ class TextToVideoBackbone(Backbone):
 
     Subclasses set ``text_encoder_class``, ``vae_class``, ``denoiser_class``, ``mask_prompt_padding`` (run the
     text encoder with the attention mask and zero the states past each prompt, as Wan2.1; else the padding is
-    encoded like any token, as CogVideoX) and implement the latent normalization, ``predict`` and ``latent_shape``.
-    After ``__init__``, ``scheduler_config`` holds the checkpoint's scheduler config.
+    encoded like any token, as CogVideoX), ``training_video`` and implement the latent normalization, ``predict``
+    and ``latent_shape``. After ``__init__``, ``scheduler_config`` holds the checkpoint's scheduler config.
+
+    ``training_video`` and ``vae_compression`` describe the published checkpoints, for sizing a run without
+    loading one (``lightning-pref plan``); a loaded backbone reads its own configs.
     """
 
     text_encoder_class: type[PreTrainedModel]
     vae_class: type[ModelMixin]
     denoiser_class: type[ModelMixin]
     mask_prompt_padding: bool
-    #: self- and cross-attention projections of the transformer blocks.
-    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    #: the published checkpoints' training videos
+    training_video: VideoShape
+    #: how much the published checkpoints' VAEs (CogVideoX's and Wan2.1's alike) compress time and space
+    vae_compression: tuple[int, int] = (4, 8)
     gradient_checkpointing_by_default = True
 
     def __init__(
@@ -60,12 +79,12 @@ class TextToVideoBackbone(Backbone):
         self.check_checkpoint(index, denoiser_config)  # before loading gigabytes of weights
         load = dict(revision=revision, variant=variant)
         self.tokenizer = AutoTokenizer.from_pretrained(pretrained, subfolder="tokenizer", revision=revision)
-        self.text_encoder = _frozen(
+        self.text_encoder = frozen(
             self.text_encoder_class.from_pretrained(
                 pretrained, subfolder="text_encoder", torch_dtype=torch_dtype(text_encoder_dtype), **load
             )
         )
-        self.vae = _frozen(self.vae_class.from_pretrained(pretrained, subfolder="vae", **load))
+        self.vae = frozen(self.vae_class.from_pretrained(pretrained, subfolder="vae", **load))
         self.vae.enable_slicing()  # one video at a time through the VAE: the same latents, less memory
         if vae_tiling:
             self.vae.enable_tiling()
@@ -105,8 +124,8 @@ class TextToVideoBackbone(Backbone):
     def encode_pixels(
         self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None
     ) -> Tensor:
-        """``(B, C, F, H, W)`` pixels to latents: the posterior's mode, or a sample when a generator (or one
-        per video) is given."""
+        """``(B, C, F, H, W)`` pixels to latents: the posterior's mode, or a sample drawn with ``generator`` (a
+        list: one generator per video)."""
         posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
         return self.normalize_latents(posterior.sample(generator) if generator is not None else posterior.mode())
 
@@ -120,5 +139,5 @@ class TextToVideoBackbone(Backbone):
         raise NotImplementedError
 
     def denormalize_latents(self, latents: Tensor) -> Tensor:
-        """The inverse of :meth:`normalize_latents`."""
+        """The inverse of ``normalize_latents``."""
         raise NotImplementedError

@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from transformers import UMT5EncoderModel
 
 from lightning_pref.backbones.base import Conditioning
-from lightning_pref.backbones.video import TextToVideoBackbone
-from lightning_pref.processes import FlowMatchingProcess
+from lightning_pref.backbones.loading import has_component
+from lightning_pref.backbones.video import TextToVideoBackbone, VideoShape
 from lightning_pref.errors import ConfigError
+from lightning_pref.processes import FlowMatchingProcess
 
 
 def clean_prompt(prompt: str) -> str:
@@ -38,12 +39,12 @@ class WanBackbone(TextToVideoBackbone):
         pretrained: hub id or local path of a diffusers Wan pipeline.
         revision, variant: passed to every ``from_pretrained``.
         max_sequence_length: UMT5 tokens per prompt (512, as the pipeline).
-        num_frames, height, width: the video size :meth:`latent_shape` describes (what ``sample`` generates;
+        num_frames, height, width: the video size ``latent_shape`` describes (what ``sample`` generates;
             81 frames at 480 x 832 by default). Training takes the size of its data.
         vae_tiling: encode and decode in spatial tiles (less memory for large frames).
         shift: overrides the config's ``flow_shift``.
         timestep_range, time_sampling, logit_mean, logit_std, error_weighting: noise-process options
-            (:class:`~lightning_pref.processes.FlowMatchingProcess`).
+            ([`FlowMatchingProcess`][lightning_pref.processes.FlowMatchingProcess]).
         text_encoder_dtype: dtype the frozen T5 is held in (``bfloat16`` by default: T5-XXL's 4.7B weights take
             9.5 GB instead of 19 GB on every GPU); its states reach the denoiser in the denoiser's dtype.
     """
@@ -52,16 +53,19 @@ class WanBackbone(TextToVideoBackbone):
     vae_class = AutoencoderKLWan
     denoiser_class = WanTransformer3DModel
     mask_prompt_padding = True
+    #: Wan2.1's 480p videos and the pipeline's prompt length: the defaults of ``num_frames``, ``height``,
+    #: ``width`` and ``max_sequence_length``
+    training_video = VideoShape(frames=81, height=480, width=832, text_tokens=512)
 
     def __init__(
         self,
         pretrained: str,
         revision: str | None = None,
         variant: str | None = None,
-        max_sequence_length: int = 512,
-        num_frames: int = 81,
-        height: int = 480,
-        width: int = 832,
+        max_sequence_length: int = training_video.text_tokens,
+        num_frames: int = training_video.frames,
+        height: int = training_video.height,
+        width: int = training_video.width,
         vae_tiling: bool = False,
         text_encoder_dtype: str = "bfloat16",
         shift: float | None = None,
@@ -85,7 +89,7 @@ class WanBackbone(TextToVideoBackbone):
 
     def check_checkpoint(self, model_index: dict[str, Any], denoiser_config: dict[str, Any]) -> None:
         super().check_checkpoint(model_index, denoiser_config)
-        if (model_index.get("transformer_2") or [None])[0] is not None:
+        if has_component(model_index, "transformer_2"):
             raise ConfigError(
                 f"{self.pretrained!r} has two expert transformers (Wan2.2 A14B: one for high noise, one for low, "
                 f"switching at boundary_ratio={model_index.get('boundary_ratio')}): WanBackbone trains one "

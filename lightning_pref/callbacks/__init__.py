@@ -1,6 +1,7 @@
-"""Callbacks: sample grids and a checkpoint on SIGTERM (random checkpoint replay and EMA are to come)."""
+"""Callbacks: sample grids, an average of the weights, and a checkpoint on SIGTERM."""
 
+from lightning_pref.callbacks.ema import EMAWeights
 from lightning_pref.callbacks.interrupt import SaveOnSigterm
 from lightning_pref.callbacks.sampling import SampleGrid, save_image_grid
 
-__all__ = ["SampleGrid", "SaveOnSigterm", "save_image_grid"]
+__all__ = ["EMAWeights", "SampleGrid", "SaveOnSigterm", "save_image_grid"]

@@ -21,7 +21,7 @@ class SaveOnSigterm(pl.Callback):
 
     Should the fit not stop within ``grace_seconds`` of the signal (a wait that never returns), the process
     ends with exit status 143 (128 + SIGTERM), so a signal always stops a run. The method modules add this
-    callback by default (:meth:`~lightning_pref.methods.base.PreferenceDiffusionModule.configure_callbacks`).
+    callback by default ([`configure_callbacks`][lightning_pref.methods.base.PreferenceDiffusionModule.configure_callbacks]).
 
     Args:
         grace_seconds: how long a step may still take after the signal; longer than one training step of

@@ -52,7 +52,7 @@ class SampleGrid(pl.Callback):
         num_inference_steps, guidance_scale: sampler options.
         dirpath: output directory (default: ``<trainer.log_dir>/samples``).
         scale: nearest-neighbour upscaling of the PNGs, for small toy images.
-        reward: optional scorer of the samples (:class:`~lightning_pref.rewards.RewardModel`).
+        reward: optional scorer of the samples ([`RewardModel`][lightning_pref.rewards.RewardModel]).
     """
 
     def __init__(

@@ -1,6 +1,6 @@
 """Decoding one sample's media: images (PIL), videos (PyAV), precomputed tensors (safetensors, numpy).
 
-:class:`MediaDecoder` turns the encoded files of a sample's media roles (``winner`` and ``loser``, or
+``MediaDecoder`` turns the encoded files of a sample's media roles (``winner`` and ``loser``, or
 ``image``/``video``) into ``uint8`` pixel tensors, giving every role the same geometry (crop and flip) and,
 for videos, the same temporal window. Precomputed samples are loaded as they are. Nothing here unpickles:
 tensors come from ``safetensors`` or from ``numpy.load(..., allow_pickle=False)``.
@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import bisect
 import io
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
+from lightning_pref.batch import LATENTS, PIXELS, media_field
 from lightning_pref.datamodules.shards import IMAGE_EXTENSIONS, PAIR_ROLES, VIDEO_EXTENSIONS
 from lightning_pref.errors import ConfigError
 
-#: the suffix a role's latents carry in a precomputed file (``latents_w`` for the winner)
+#: the suffix a role's latents carry in a precomputed file (``latents_w`` for the winner): the batch's names
 STORED_SUFFIX = {**PAIR_ROLES, "image": "", "video": ""}
 
 
@@ -206,7 +208,7 @@ class FrameSampling:
 
 
 def decoded(name: str, decode: Callable[..., Any], data: bytes, *args: Any) -> Any:
-    """``decode(data, *args)``; a failure becomes a :class:`SkipSample` naming the field."""
+    """``decode(data, *args)``; a failure becomes a ``SkipSample`` naming the field."""
     try:
         return decode(data, *args)
     except SkipSample as error:
@@ -262,7 +264,7 @@ class MediaDecoder:
             pixels = self.geometry([decoded(name, open_image, data, self.geometry.draft_size) for name, data in files.items()], rng)
         else:
             raise SkipSample("mixes an image and a video")
-        return {f"pixels{suffix}": tensor for suffix, tensor in zip(roles.values(), pixels)}
+        return {media_field(PIXELS, suffix): tensor for suffix, tensor in zip(roles.values(), pixels)}
 
     def videos(self, videos: dict[str, bytes], rng: np.random.Generator) -> list[torch.Tensor]:
         if self.frames is None:
@@ -275,10 +277,10 @@ class MediaDecoder:
 
     @staticmethod
     def precomputed(tensors: dict[str, torch.Tensor], roles: dict[str, str]) -> dict[str, torch.Tensor]:
-        latents = {f"latents{STORED_SUFFIX[role]}" for role in roles}
-        missing = sorted(latents - set(tensors))
+        stored = {role: media_field(LATENTS, STORED_SUFFIX[role]) for role in roles}
+        missing = sorted(set(stored.values()) - set(tensors))
         if missing:
             raise SkipSample(f"precomputed tensors lack {missing} (they hold {sorted(tensors)})")
-        out = {name: tensor for name, tensor in tensors.items() if not name.startswith("latents")}
-        out.update({f"latents{suffix}": tensors[f"latents{STORED_SUFFIX[role]}"] for role, suffix in roles.items()})
+        out = {name: tensor for name, tensor in tensors.items() if not name.startswith(LATENTS)}
+        out.update({media_field(LATENTS, suffix): tensors[stored[role]] for role, suffix in roles.items()})
         return out

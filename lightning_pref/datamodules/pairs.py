@@ -14,7 +14,7 @@ Files are copied byte for byte (no re-encoding) after a check that they decode. 
 order (the json's ``source_row``). A row whose file is missing, undecodable or not a file name (counted
 ``unreadable``), or whose prompt is not a string (``rejected_captions``) is skipped with a warning naming
 the table and the row. A table that cannot be read (not UTF-8, bad JSON, a row that is not an object, a
-label other than A/B/same) is a :class:`~lightning_pref.errors.DataError` naming the file and the row.
+label other than A/B/same) is a [`DataError`][lightning_pref.errors.DataError] naming the file and the row.
 
 VideoDPO directories hold ``metadata.json`` (a list of videos, ``{"basic": {"clip_path": ...}, "misc":
 {"frame_caption": [...]}}``) and ``pair.json`` (a list of ``{"video1": i, "video2": j, "frame_caption": ...}``
@@ -33,9 +33,10 @@ import csv
 import io
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -62,7 +63,7 @@ def check_ties(ties: str) -> None:
 
 def nothing_kept(source: str, counts: dict[str, int]) -> UserError:
     """The error of a conversion that kept no pair, naming the source, why its rows were dropped and the fix
-    (a :class:`MissingFileError` when files were unreadable)."""
+    (a ``MissingFileError`` when files were unreadable)."""
     dropped = {reason: number for reason, number in counts.items() if number and reason not in ("rows", "written")}
     why = f"{counts['rows']} row(s), of which " + ", ".join(f"{number} {reason}" for reason, number in dropped.items())
     fixes = [fix for reason, fix in FIXES.items() if reason in dropped]
@@ -306,7 +307,7 @@ def convert_pair_rows(
 
 def convert_pair_table(table: str | Path, out_dir: str | Path, root: str | Path | None = None, **options: Any) -> dict[str, int]:
     """A CSV/JSON/JSONL table of pairs to shards; files are relative to ``root`` (default: the table's folder).
-    ``options`` are those of :func:`convert_pair_rows`."""
+    ``options`` are those of ``convert_pair_rows``."""
     table = Path(table)
     return convert_pair_rows(read_table(table), out_dir, root or table.parent, source=str(table), **options)
 

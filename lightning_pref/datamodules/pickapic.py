@@ -10,7 +10,7 @@ skipped with a warning naming the file and the row.
 
 Each parquet file is one *source*, named by its path relative to the source root (the directory given, or
 the folder before the first glob character) without ``.parquet``, made fit for keys by
-:func:`~lightning_pref.datamodules.shards.key_part` (``v1/train-0.parquet`` becomes ``v1_train-0-<hash>``).
+[`key_part`][lightning_pref.datamodules.shards.key_part] (``v1/train-0.parquet`` becomes ``v1_train-0-<hash>``).
 A source's shards ``<name>-NNNNNN.tar`` (sample keys ``<name>-<row>``) are written into the folder
 ``<name>.partial`` and moved into place, with the marker ``<name>.done.json`` holding its counts, once the
 file is finished; nothing in place is ever overwritten or deleted. So a conversion is resumable per file: a
@@ -26,8 +26,9 @@ import logging
 import math
 import shutil
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -76,7 +77,7 @@ def source_root(source: str | Path) -> Path:
 
 
 def source_names(source: str | Path) -> dict[str, Path]:
-    """Every parquet file of ``source`` by its name: its path relative to :func:`source_root`, without
+    """Every parquet file of ``source`` by its name: its path relative to ``source_root``, without
     ``.parquet``, made fit for keys and shard names."""
     root = source_root(source)
     names: dict[str, Path] = {}
@@ -135,7 +136,7 @@ def open_parquet(path: Path) -> tuple[pq.ParquetFile, list[str]]:
 
 
 def parquet_rows(parquet: pq.ParquetFile, path: Path, columns: list[str]) -> Iterator[dict[str, Any]]:
-    """The rows of ``parquet``, one row group after another; a damaged row group is a :class:`DataError`
+    """The rows of ``parquet``, one row group after another; a damaged row group is a ``DataError``
     naming its rows."""
     first_row = 0
     for group in range(parquet.num_row_groups):

@@ -34,6 +34,7 @@ import yaml
 from safetensors.torch import save as save_safetensors
 
 from lightning_pref.backbones.base import Backbone
+from lightning_pref.batch import LATENTS, PIXELS, media_field
 from lightning_pref.datamodules.media import FrameSampling, Geometry, MediaDecoder, SkipSample
 from lightning_pref.datamodules.shards import PAIR_ROLES
 from lightning_pref.datamodules.streaming import SampleDecoder, SkipLog, chunks, collate, decode_samples, expand_shards
@@ -54,18 +55,18 @@ class SourceDecoder(SampleDecoder):
         else:
             roles = {"video" if any(name.startswith("video.") for name in sample) else "image": ""}
         pixels = self.media(sample, roles, rng)
-        if any(name.startswith("latents") for name in pixels):
+        if any(name.startswith(LATENTS) for name in pixels):
             raise SkipSample("already holds precomputed tensors: give pixel shards to precompute")
         return [{**pixels, "key": sample["__key__"], "caption": str(metadata["caption"] or ""), "json": sample["json"]}]
 
 
 def encode_batch(backbone: Backbone, batch: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Latents of every pixel field (``pixels_w`` -> ``latents_w``; one VAE call) and the prompt tensors."""
-    names = [name for name in batch if name.startswith("pixels")]
-    pixels = torch.cat([batch[name] for name in names]).to(backbone.device)
-    latents = backbone.encode_pixels(pixels).chunk(len(names))
+    suffixes = [name[len(PIXELS):] for name in batch if name.startswith(PIXELS)]
+    pixels = torch.cat([batch[media_field(PIXELS, suffix)] for suffix in suffixes]).to(backbone.device)
+    latents = backbone.encode_pixels(pixels).chunk(len(suffixes))
     prompts = backbone.encode_prompts(batch["caption"])
-    tensors = {name.replace("pixels", "latents"): value for name, value in zip(names, latents)}
+    tensors = {media_field(LATENTS, suffix): value for suffix, value in zip(suffixes, latents)}
     tensors.update({key: prompts[key] for key in backbone.prompt_keys})
     return {name: value.to("cpu", dtype) for name, value in tensors.items()}
 

@@ -1,4 +1,4 @@
-"""Preference pairs streamed from webdataset shards (the pair format of :mod:`~lightning_pref.datamodules.shards`).
+"""Preference pairs streamed from webdataset shards (the pair format of [`shards`][lightning_pref.datamodules.shards]).
 
 A batch of ``B`` pairs holds:
 
@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from lightning_pref.batch import KEY, LABEL_FLIPPED, swap_roles
 from lightning_pref.datamodules.media import MediaDecoder
 from lightning_pref.datamodules.shards import PAIR_ROLES
 from lightning_pref.datamodules.streaming import SampleDecoder, ShardDataModule, parse_flag
-from lightning_pref.seeding import unit_hash
 from lightning_pref.errors import ConfigError
+from lightning_pref.seeding import unit_hash
 
 
 class PairDecoder(SampleDecoder):
@@ -38,12 +39,10 @@ class PairDecoder(SampleDecoder):
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> list[dict[str, Any]]:
         metadata = self.metadata(sample)
         out = {**self.media(sample, PAIR_ROLES, rng), **self.common(sample, metadata)}
-        flipped = self.flips(out["key"])
+        flipped = self.flips(out[KEY])
         if flipped:
-            for name in [name for name in out if name.endswith("_w")]:
-                loser = name[:-2] + "_l"
-                out[name], out[loser] = out[loser], out[name]
-        out["label_flipped"] = flipped != parse_flag("label_flipped", metadata.get("label_flipped", False))
+            out = swap_roles(out)
+        out[LABEL_FLIPPED] = flipped != parse_flag("label_flipped", metadata.get("label_flipped", False))
         return [out]
 
 
@@ -52,7 +51,7 @@ class PreferenceDataModule(ShardDataModule):
 
     Training streams with resampling, split by rank and worker, through a shuffle buffer, and yields exactly
     ``batches_per_epoch`` batches on every rank. Winner and loser get the same crop, flip and (videos) frame
-    window. Corrupt samples are skipped, logged and counted (:attr:`skipped_samples`). Caption dropout is the
+    window. Corrupt samples are skipped, logged and counted (``skipped_samples``). Caption dropout is the
     training module's job (``caption_dropout``), not the data's.
 
     Args:
@@ -60,7 +59,7 @@ class PreferenceDataModule(ShardDataModule):
         label_noise: fraction of training pairs whose winner and loser are swapped, for noisy-label
             experiments (Adaptive-DPO). Which pairs is decided by a hash of ``(seed, key)``, so every epoch,
             rank and run flips the same ones; validation is never flipped.
-        **kwargs: the streaming options of :class:`~lightning_pref.datamodules.streaming.ShardDataModule`
+        **kwargs: the streaming options of [`ShardDataModule`][lightning_pref.datamodules.streaming.ShardDataModule]
             (``val_shards``, ``batch_size``, ``num_workers``, ``resolution``, ``random_crop``, ``random_flip``,
             ``shuffle_buffer``, ``batches_per_epoch``, ``seed``, video frame sampling, ``users_per_batch``,
             ``metadata_fields``).
@@ -77,7 +76,7 @@ class PreferenceDataModule(ShardDataModule):
 
 
 class PickAPicDataModule(PreferenceDataModule):
-    """:class:`PreferenceDataModule` with Diffusion-DPO's Pick-a-Pic defaults: 512 px, centre crop, random
+    """``PreferenceDataModule`` with Diffusion-DPO's Pick-a-Pic defaults: 512 px, centre crop, random
     horizontal flip (shards from ``lightning-pref data pickapic``). Every option can still be overridden."""
 
     def __init__(self, train_shards: str, *, resolution: int | tuple[int, int] | None = 512, random_flip: bool = True, **kwargs):

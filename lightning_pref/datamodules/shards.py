@@ -15,11 +15,11 @@ Every shard is a webdataset tar; the files of one sample share a ``__key__``. Th
 (original labels, ``user_id``, ids, ``label_flipped``, for unpaired data ``label``: 1 desirable, 0 not).
 
 Converters (image and video pair tables, VideoDPO, the toy world) write through
-:func:`write_preference_shards` (Pick-a-Pic's writes its JPEG bytes directly, in the same format);
-unpaired data goes through :func:`write_unpaired_shards`.
+``write_preference_shards`` (Pick-a-Pic's writes its JPEG bytes directly, in the same format);
+unpaired data goes through ``write_unpaired_shards``.
 
 Keys and shard names hold letters, digits, ``_`` and ``-`` only: webdataset cuts a tar member's name at its
-first dot into key and field, and a slash would make a folder. :func:`key_part` makes any text fit.
+first dot into key and field, and a slash would make a folder. ``key_part`` makes any text fit.
 """
 
 from __future__ import annotations
@@ -28,19 +28,21 @@ import hashlib
 import io
 import itertools
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from lightning_pref.batch import ROLE_SUFFIXES
 from lightning_pref.errors import ConfigError
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
-#: media roles of a sample and the suffix their tensors carry in a batch
-PAIR_ROLES = {"winner": "_w", "loser": "_l"}
+#: the media roles of a pair sample and the suffix their tensors carry in a batch (the batch schema)
+PAIR_ROLES = ROLE_SUFFIXES
 UNPAIRED_ROLES = ("image", "video")
 NOT_A_KEY_CHARACTER = re.compile(r"[^A-Za-z0-9_-]")
 

@@ -12,20 +12,20 @@ from the trainer in the main process, so forked and spawned workers agree on the
 
 Everything a consumer does is a function of ``(seed, consumer, epoch)`` and, for augmentation, of the
 sample's key: the stream does not depend on the worker start method or on torch's worker seeds. That makes
-it **resumable**: :class:`ShardLoader` records, for every batch the trainer actually consumes, where its
+it **resumable**: ``ShardLoader`` records, for every batch the trainer actually consumes, where its
 consumer stood (batches formed, raw samples read), and a checkpoint holds those positions for every rank
 and worker. A resumed run fast-forwards each consumer to its position (reading, not decoding, the samples it
 had already used) and continues with exactly the batches the uninterrupted run would have trained on.
 
 A sample that cannot be used (a truncated shard, a missing field, an image that does not decode, a video
 too short for the frame window, non-finite precomputed latents) is logged with its shard, key and reason,
-skipped and counted: :attr:`ShardDataModule.skipped_samples`. A stream that can yield nothing fails at
-once with a :class:`~lightning_pref.errors.DataError` naming the shards: every shard empty, a consumer whose
+skipped and counted: ``ShardDataModule.skipped_samples``. A stream that can yield nothing fails at
+once with a [`DataError`][lightning_pref.errors.DataError] naming the shards: every shard empty, a consumer whose
 shards are all empty, a full pass over a consumer's shards without one sample, or
 ``max_consecutive_skips`` bad samples in a row.
 
 Worker pipeline: shard passes -> ``webdataset.tarfile_to_samples`` -> key split (if needed) -> shuffle
-buffer -> decode (the DataModule's :meth:`~ShardDataModule.sample_decoder`) -> per-user groups (optional)
+buffer -> decode (the DataModule's ``sample_decoder``) -> per-user groups (optional)
 -> batches.
 """
 
@@ -41,8 +41,9 @@ import os
 import random
 import tarfile
 import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -117,7 +118,7 @@ def parse_flag(name: str, value: Any) -> bool:
 class SkipLog:
     """Counts and logs skipped samples in the process that reads them (a dataloader worker or the main one).
 
-    Raises a :class:`~lightning_pref.errors.DataError` once ``limit`` samples in a row were skipped: a stream
+    Raises a [`DataError`][lightning_pref.errors.DataError] once ``limit`` samples in a row were skipped: a stream
     whose every sample fails would otherwise spin forever without a batch. The message counts the reasons.
     """
 
@@ -141,7 +142,7 @@ class SkipLog:
         self.in_a_row.clear()
 
     def shard_error(self, exception: Exception) -> bool:
-        """webdataset handler: the rest of an unreadable shard is skipped; the stream goes on."""
+        """Webdataset handler: the rest of an unreadable shard is skipped; the stream goes on."""
         url = next((arg for arg in reversed(exception.args) if isinstance(arg, str)), "?")
         self.record(f"the rest of shard {url}", f"{type(exception).__name__}: {exception.args[0] if exception.args else ''}")
         return True
@@ -266,7 +267,7 @@ def sample_rng(seed: Sequence[int], key: str) -> np.random.Generator:
 def decode_samples(samples: Iterable[dict[str, Any]], decoder: SampleDecoder, skips: SkipLog, seed: Sequence[int]) -> Iterator[dict[str, Any]]:
     """Decoded samples; a sample whose decoding fails in any way is logged, counted and skipped.
 
-    ``seed`` (with each sample's key) seeds its augmentation (:func:`sample_rng`).
+    ``seed`` (with each sample's key) seeds its augmentation (``sample_rng``).
     """
     for sample in samples:
         key = str(sample.get("__key__"))
@@ -394,10 +395,10 @@ class ReadCount:
 
 
 class ShardLoader:
-    """The loader of one split: a ``DataLoader`` over a :class:`ShardStream`, one epoch per iteration.
+    """The loader of one split: a ``DataLoader`` over a ``ShardStream``, one epoch per iteration.
 
     It takes the bookkeeping off every batch (skips, stream positions, a worker's error). For training it is
-    resumable in Lightning's sense (``state_dict`` / ``load_state_dict``): :meth:`consumed`, called by the
+    resumable in Lightning's sense (``state_dict`` / ``load_state_dict``): ``consumed``, called by the
     DataModule for each batch the trainer actually trains on (not the ones prefetched), advances the state;
     ``state_dict`` gathers the positions of every rank's consumers. Outside a trainer, every batch handed out
     counts as consumed.
@@ -484,7 +485,7 @@ class ShardLoader:
 class ShardDataModule(pl.LightningDataModule):
     """Base of the webdataset DataModules: streaming, splitting, shuffling, batching, skip counting, resuming.
 
-    Subclasses define :meth:`sample_decoder` (which media roles a sample has and what a batch holds).
+    Subclasses define ``sample_decoder`` (which media roles a sample has and what a batch holds).
 
     Args:
         train_shards: a glob (``data/*.tar``), a directory, a brace pattern (``data/pairs-{000000..000099}.tar``)
@@ -498,9 +499,9 @@ class ShardDataModule(pl.LightningDataModule):
         batches_per_epoch: batches per rank per epoch.
         seed: seeds shard order, shuffling and augmentation (each rank, worker and epoch differs).
         num_frames, frame_stride, fps, random_temporal_crop: video frame sampling
-            (:class:`~lightning_pref.datamodules.media.FrameSampling`); videos need ``num_frames``.
+            ([`FrameSampling`][lightning_pref.datamodules.media.FrameSampling]); videos need ``num_frames``.
         users_per_batch: group training batches by ``user_id``: each batch holds this many groups of
-            ``batch_size // users_per_batch`` samples of one user each (see :func:`group_by_user`).
+            ``batch_size // users_per_batch`` samples of one user each (see ``group_by_user``).
         user_buffer: samples each worker keeps waiting in per-user buckets.
         metadata_fields: json fields copied into every batch (numbers become tensors).
         max_consecutive_skips: fail after this many skipped samples in a row.

@@ -1,7 +1,7 @@
 """Single images or videos with prompts: SFT-style data (SPIN-Diffusion, SSPO) and good/bad labels (KTO).
 
 Reads unpaired shards (``image.<ext>`` or ``video.<ext>`` + ``json``, see
-:mod:`~lightning_pref.datamodules.shards`) or takes samples out of preference shards:
+[`shards`][lightning_pref.datamodules.shards]) or takes samples out of preference shards:
 
 * ``source="unpaired"``: unpaired shards; ``label`` from the json (1 desirable, 0 undesirable; 1 when absent);
 * ``source="winners"``: the winner of every pair, label 1 (SPIN-Diffusion and SSPO train on Pick-a-Pic
@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lightning_pref.batch import KEY, LABEL, LOSER, WINNER, split_roles
 from lightning_pref.datamodules.media import MediaDecoder
 from lightning_pref.datamodules.shards import PAIR_ROLES
 from lightning_pref.datamodules.streaming import SampleDecoder, ShardDataModule, parse_flag
@@ -40,16 +41,14 @@ class UnpairedDecoder(SampleDecoder):
         common = self.common(sample, metadata)
         if self.source == "unpaired":
             role = "video" if any(name.startswith("video.") for name in sample) else "image"
-            return [{**self.media(sample, {role: ""}, rng), **common, "label": int(parse_flag("label", metadata.get("label", 1)))}]
+            return [{**self.media(sample, {role: ""}, rng), **common, LABEL: int(parse_flag(LABEL, metadata.get(LABEL, 1)))}]
         if self.source == "winners":
-            return [{**self.media(sample, {"winner": ""}, rng), **common, "label": 1}]
-        tensors = self.media(sample, PAIR_ROLES, rng)
-        shared = {name: value for name, value in tensors.items() if not name.endswith(("_w", "_l"))}  # prompt tensors
-        samples = []
-        for suffix, label in (("_w", 1), ("_l", 0)):  # the winner is desirable, the loser not
-            own = {name[: -len(suffix)]: value for name, value in tensors.items() if name.endswith(suffix)}
-            samples.append({**own, **shared, **common, "key": common["key"] + suffix, "label": label})
-        return samples
+            return [{**self.media(sample, {"winner": ""}, rng), **common, LABEL: 1}]
+        winner, loser, shared = split_roles(self.media(sample, PAIR_ROLES, rng))  # shared: precomputed prompt tensors
+        return [  # the winner is desirable, the loser not
+            {**own, **shared, **common, KEY: common[KEY] + suffix, LABEL: label}
+            for own, suffix, label in ((winner, WINNER, 1), (loser, LOSER, 0))
+        ]
 
 
 class UnpairedDataModule(ShardDataModule):
@@ -59,7 +58,7 @@ class UnpairedDataModule(ShardDataModule):
         train_shards: shard paths: a glob (``data/*.tar``), a directory, a brace pattern or URLs.
         source: ``unpaired`` (unpaired shards), ``winners`` (winners of preference shards) or ``pairs``
             (both images of each pair, labelled 1 and 0).
-        **kwargs: the streaming options of :class:`~lightning_pref.datamodules.streaming.ShardDataModule`.
+        **kwargs: the streaming options of [`ShardDataModule`][lightning_pref.datamodules.streaming.ShardDataModule].
     """
 
     def __init__(self, train_shards: str, *, source: Source = "unpaired", **kwargs):

@@ -8,7 +8,7 @@ window is skipped and counted.
 Batches hold ``pixels_w``, ``pixels_l`` as ``(B, C, F, H, W)`` in [-1, 1], the layout diffusers' video VAEs
 take (``AutoencoderKLCogVideoX``, ``AutoencoderKLWan``); a backbone whose denoiser wants ``(B, F, C, H, W)``
 (CogVideoX) permutes its latents. The other fields are those of
-:class:`~lightning_pref.datamodules.preference.PreferenceDataModule`.
+[`PreferenceDataModule`][lightning_pref.datamodules.preference.PreferenceDataModule].
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from lightning_pref.datamodules.preference import PreferenceDataModule
 
 
 class VideoPreferenceDataModule(PreferenceDataModule):
-    """:class:`~lightning_pref.datamodules.preference.PreferenceDataModule` for video pairs.
+    """[`PreferenceDataModule`][lightning_pref.datamodules.preference.PreferenceDataModule] for video pairs.
 
     Args:
         train_shards: shard paths (shards from ``lightning-pref data video-pairs``).
@@ -26,7 +26,7 @@ class VideoPreferenceDataModule(PreferenceDataModule):
         fps: resample to this many frames per second instead (the same times in both videos).
         random_temporal_crop: a random window start in training (validation starts at the first frame).
         resolution: ``(height, width)`` or one side of a square; frames are resized to cover it and cropped.
-        **kwargs: every other option of :class:`~lightning_pref.datamodules.preference.PreferenceDataModule`.
+        **kwargs: every other option of [`PreferenceDataModule`][lightning_pref.datamodules.preference.PreferenceDataModule].
     """
 
     def __init__(

@@ -1,7 +1,7 @@
 """Preference methods: one LightningModule per method on
 [`PreferenceDiffusionModule`][lightning_pref.methods.base.PreferenceDiffusionModule]."""
 
-from lightning_pref.methods.base import NoisyPairs, PairErrors, PairRandomness, PreferenceDiffusionModule, PreferencePairs
+from lightning_pref.methods.base import PreferenceDiffusionModule
 from lightning_pref.methods.diffusion_dpo import DiffusionDPO
 from lightning_pref.methods.dmpo import DMPO
 from lightning_pref.methods.dpo_clip_mask import DPOClipMask
@@ -10,6 +10,8 @@ from lightning_pref.methods.kto import DiffusionKTO
 from lightning_pref.methods.mapo import MaPO
 from lightning_pref.methods.sdpo import SDPO, SIPO
 from lightning_pref.methods.see_dpo import SEEDPO
+from lightning_pref.methods.step import NoisySamples, SampleErrors, Samples
+from lightning_pref.seeding import PairRandomness
 
 __all__ = [
     "DMPO",
@@ -18,12 +20,12 @@ __all__ = [
     "DiffusionKTO",
     "ImportanceWeightedModule",
     "MaPO",
-    "NoisyPairs",
-    "PairErrors",
+    "NoisySamples",
     "PairRandomness",
     "PreferenceDiffusionModule",
-    "PreferencePairs",
     "SDPO",
     "SEEDPO",
     "SIPO",
+    "SampleErrors",
+    "Samples",
 ]

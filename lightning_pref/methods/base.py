@@ -2,46 +2,49 @@
 
 ``PreferenceDiffusionModule.training_step`` does, for a batch of ``B`` preference pairs:
 
-1. :meth:`~PreferenceDiffusionModule.prepare_pairs` -- clean latents of winners and losers, and the prompt
-   conditioning (encoders skipped when the batch carries precomputed tensors; caption dropout here).
-2. :meth:`~PreferenceDiffusionModule.noise_pairs` -- one timestep and one noise draw per pair, shared by its
-   winner and loser; ``x_t`` and the target for the stacked ``[winners; losers]`` batch.
-3. :meth:`~PreferenceDiffusionModule.pair_errors` -- one policy forward (with grad) and one reference forward
-   (no grad) over the stacked batch; per-sample errors.
-4. :meth:`~PreferenceDiffusionModule.compute_loss` -- the method's objective, from :mod:`lightning_pref.losses`.
+1. ``prepare_samples`` -- the clean latents of winners and losers, stacked once as ``[winners; losers]``
+   (``2B`` rows, one encoder call), and each pair's prompt conditioning for its two rows (encoders skipped
+   when the batch carries precomputed tensors; caption dropout here): a
+   [`Samples`][lightning_pref.methods.step.Samples]. Methods whose loss takes single labelled samples
+   (Diffusion-KTO) also accept unpaired batches here.
+2. ``noise_samples`` -- one timestep and one noise draw per pair, shared by its winner and loser; ``x_t``, the
+   target and the process's loss weight of every row: a
+   [`NoisySamples`][lightning_pref.methods.step.NoisySamples].
+3. ``sample_errors`` -- one policy forward (with grad) and one reference forward (no grad) over all rows;
+   per-row errors, split into winners and losers in one place: a
+   [`SampleErrors`][lightning_pref.methods.step.SampleErrors].
+4. ``compute_loss`` -- the method's objective, from [`lightning_pref.losses`][lightning_pref.losses].
 
-A method subclasses this module and overrides only the hook where it differs from Diffusion-DPO: the loss
-(most methods), the noising (Inversion-DPO), the conditioning (:meth:`policy_conditioning`, PPD), where the
-loser comes from (:meth:`prepare_pairs`, SPIN-Diffusion, SSPO) or what the reference is
-(:meth:`reference_prediction`, SPIN-Diffusion, SSPO, Adaptive-DPO).
+Nothing of a step is kept on the module between these hooks: each returns what the next needs. A method
+subclasses this module and overrides only the hook where it differs from Diffusion-DPO: the loss (most
+methods), the noising (Inversion-DPO), the conditioning (``policy_conditioning``, PPD), where the samples
+come from (``prepare_samples``, SPIN-Diffusion, SSPO) or what the reference is (``reference`` and
+``reference_prediction``, SPIN-Diffusion, SSPO, Adaptive-DPO).
 
 Two options apply to every pairwise method, around its loss rather than inside it:
 
-* ``loser_safeguard`` (Diffusion-SDPO, arXiv 2511.03317): :meth:`pair_errors` scales the gradient of the
-  loser's error by ``lambda`` (:func:`~lightning_pref.losses.loser_gradient_scale`), so an update never
-  raises the winner's error to first order; the loss value is unchanged. Logged as ``loser_gradient_scale``.
-* ``entropy_gamma`` (SEE-DPO, arXiv 2411.04712): :meth:`compute_loss` sees the reference errors flattened by
-  the self-entropy term (:func:`~lightning_pref.losses.entropy_regularized_reference`), which turns every
-  margin ``u`` into ``u - (gamma/2) D_theta``; the logged error metrics stay those of the true reference.
+* ``loser_safeguard`` (Diffusion-SDPO, arXiv 2511.03317): ``sample_errors`` scales the gradient of the
+  losers' errors by ``lambda`` ([`loser_gradient_scale`][lightning_pref.losses.loser_gradient_scale]), so an
+  update never raises the winner's error to first order; the loss value is unchanged. Logged as
+  ``loser_gradient_scale``.
+* ``entropy_gamma`` (SEE-DPO, arXiv 2411.04712): ``compute_loss`` sees the reference errors flattened by the
+  self-entropy term ([`entropy_regularized_reference`][lightning_pref.losses.entropy_regularized_reference]),
+  which turns every margin ``u`` into ``u - (gamma/2) D_theta``; the logged error metrics stay those of the
+  true reference.
 
-The reference model:
-
-* ``finetune="lora"``: LoRA adapters (peft) on the denoiser; the reference is the same network with the
-  adapters disabled. No second copy; checkpoints hold the adapter weights only.
-* ``finetune="full"``: the whole denoiser trains; the reference is a frozen copy that is not a registered
-  submodule, so it is outside the optimizer and never written to a checkpoint. ``reference_offload=True``
-  keeps it on the CPU between its forwards.
+The reference model is a component of its own ([`lightning_pref.reference`][lightning_pref.reference]):
+with ``finetune="lora"`` the same network with its adapters disabled (no second copy; checkpoints hold the
+adapter weights only), with ``finetune="full"`` a frozen copy outside the optimizer and the checkpoints,
+optionally CPU-offloaded (``reference_offload``), partitioned under ZeRO-3 and sharded under FSDP2. Either
+can be replaced while training by a snapshot of earlier weights (``reference.install(trained_weights())``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
-import math
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -49,6 +52,8 @@ from peft import LoraConfig
 from torch import Tensor, nn
 
 from lightning_pref.backbones.base import Backbone, Conditioning, concat_conditioning
+from lightning_pref.batch import LATENTS, PIXELS, WINNER, batch_size_of, media_field, pair_media, sample_media
+from lightning_pref.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lightning_pref.losses import (
     check_entropy_gamma,
     check_safeguard_options,
@@ -57,123 +62,25 @@ from lightning_pref.losses import (
     loser_gradient_scale,
     scale_gradient,
 )
-from lightning_pref.seeding import stream_seed
-from lightning_pref.strategies import fully_shard_blocks, shard_reference
-from lightning_pref.errors import CheckpointError, ConfigError, DataError, TrainingError
-
+from lightning_pref.methods.options import (
+    apply_optimizer_options,
+    changed_optimizer_entries,
+    check_resumed_options,
+    check_training_options,
+)
+from lightning_pref.methods.step import NoisySamples, SampleErrors, Samples, mean_squared_error
+from lightning_pref.reference import AdaptersDisabled, FrozenCopy, Reference
+from lightning_pref.seeding import PairRandomness
+from lightning_pref.strategies import fully_shard_blocks
 
 log = logging.getLogger(__name__)
-
-
-def check_training_options(
-    beta: float, lr: float, weight_decay: float, adam_betas: tuple[float, float], warmup_steps: int,
-    lora_rank: int, lora_alpha: float | None, lora_dropout: float,
-) -> None:
-    """Refuse options that cannot train: a non-positive or non-finite beta (``beta: 0`` learns nothing,
-    ``beta: -1000`` trains toward the losers) or learning rate, and the like."""
-
-    def positive(name: str, value: float) -> None:
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ConfigError(f"{name}={value!r}: use a finite number > 0.")
-
-    positive("beta", beta)
-    positive("lr", lr)
-    if not (math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ConfigError(f"weight_decay={weight_decay!r}: use a finite number >= 0.")
-    if len(adam_betas) != 2 or not all(0 <= b < 1 for b in adam_betas):
-        raise ConfigError(f"adam_betas={adam_betas!r}: use two numbers in [0, 1), e.g. [0.9, 0.999].")
-    if warmup_steps < 0:
-        raise ConfigError(f"warmup_steps={warmup_steps}: use a number of optimizer steps >= 0.")
-    if lora_rank < 1:
-        raise ConfigError(f"lora_rank={lora_rank}: use a rank >= 1.")
-    if lora_alpha is not None:
-        positive("lora_alpha", lora_alpha)
-    if not 0 <= lora_dropout < 1:
-        raise ConfigError(f"lora_dropout={lora_dropout}: use a probability in [0, 1).")
-
-
-def batch_size_of(batch: dict[str, Any]) -> int:
-    """Pairs in a batch: the length of its first tensor field (or of its prompt list)."""
-    for value in batch.values():
-        if isinstance(value, Tensor) and value.ndim > 0:
-            return value.shape[0]
-    return len(batch["prompt"])
-
-
-class PairRandomness:
-    """The random draws of one step, one seeded stream per pair of the *global* batch.
-
-    Pair ``i`` of the global batch draws from ``torch.Generator().manual_seed(stream_seed(*stream, i))``, whatever
-    rank it lands on (:func:`~lightning_pref.seeding.stream_seed`): one process with a global batch of ``B`` and
-    ``N`` processes with ``B / N`` each draw the same timesteps, noise, caption dropout and VAE posterior
-    samples, so their losses agree. A resumed run draws what the uninterrupted run would have.
-    """
-
-    def __init__(self, generators: list[torch.Generator]):
-        self.generators = generators
-
-    @classmethod
-    def for_pairs(cls, stream: tuple[Any, ...], pairs: Iterable[int]) -> "PairRandomness":
-        """One generator per global pair index in ``pairs``, for the stream named ``stream``."""
-        return cls([torch.Generator().manual_seed(stream_seed(*stream, pair)) for pair in pairs])
-
-    def __len__(self) -> int:
-        return len(self.generators)
-
-    def uniform(self) -> Tensor:
-        """One ``U[0, 1)`` draw per pair, ``(B,)``."""
-        return torch.cat([torch.rand(1, generator=g) for g in self.generators])
-
-    def normal(self, shape: tuple[int, ...]) -> Tensor:
-        """One standard normal tensor of ``shape`` per pair, ``(B, *shape)``."""
-        return torch.stack([torch.randn(shape, generator=g) for g in self.generators])
-
-    def timesteps(self, process) -> Tensor:
-        """One process time per pair, ``(B,)``."""
-        return torch.cat([process.sample_timesteps(1, g) for g in self.generators])
-
-
-@dataclass
-class PreferencePairs:
-    """Clean latents of ``B`` pairs (``latents_w``, ``latents_l``: ``(B, ...)``) and their conditioning."""
-
-    latents_w: Tensor
-    latents_l: Tensor
-    conditioning: Conditioning
-
-
-@dataclass
-class NoisyPairs:
-    """The stacked ``[winners; losers]`` batch after noising. ``timesteps`` are process times, ``(2B,)``."""
-
-    x_t: Tensor
-    target: Tensor
-    timesteps: Tensor
-
-
-@dataclass
-class PairErrors:
-    """Per-sample errors of the policy and the reference, each ``(B,)``, and each pair's process time.
-
-    ``loser_gradient_scale`` is the safeguard's ``lambda`` per pair when ``loser_safeguard`` is on.
-    """
-
-    policy_w: Tensor
-    policy_l: Tensor
-    ref_w: Tensor
-    ref_l: Tensor
-    timesteps: Tensor
-    loser_gradient_scale: Tensor | None = None
-
-    def as_args(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return self.policy_w, self.policy_l, self.ref_w, self.ref_l
 
 
 class PreferenceDiffusionModule(pl.LightningModule):
     """Base LightningModule of preference optimization for diffusion models.
 
     Args:
-        backbone: the model family and checkpoint (:mod:`lightning_pref.backbones`).
+        backbone: the model family and checkpoint ([`lightning_pref.backbones`][lightning_pref.backbones.base]).
         beta: KL strength of the objective, in the official Diffusion-DPO units.
         finetune: ``lora`` (reference = adapters disabled) or ``full`` (reference = frozen copy).
         lora_rank, lora_alpha, lora_dropout: LoRA shape; ``lora_alpha`` defaults to the rank.
@@ -197,6 +104,9 @@ class PreferenceDiffusionModule(pl.LightningModule):
         nonfinite: what a NaN or infinite loss or gradient does: ``stop`` the run with an error naming the step
             and the term, before the optimizer touches the weights (default), or ``skip`` that optimizer step
             (logged as ``train/skipped_step``). Under DeepSpeed only the loss is checked (ZeRO holds the gradients).
+        stratified_timesteps: draw the pairs' timesteps from equal strata of the schedule, one per pair of the
+            global batch, instead of independently: the same distribution and expected loss, a lower-variance
+            gradient ([`PairRandomness.timesteps`][lightning_pref.seeding.PairRandomness.timesteps]).
     """
 
     #: prediction types (``epsilon``, ``v_prediction``, ``flow``) the method is defined for; ``None``: all.
@@ -206,6 +116,8 @@ class PreferenceDiffusionModule(pl.LightningModule):
     #: whether the loss compares a winner with a loser (Diffusion-KTO does not): the safeguard and the
     #: entropy regulariser need it.
     pairwise: bool = True
+    #: whether the loss also takes unpaired labelled samples (``pixels``/``latents`` and ``label``)
+    takes_unpaired_samples: bool = False
 
     def __init__(
         self,
@@ -231,6 +143,7 @@ class PreferenceDiffusionModule(pl.LightningModule):
         safeguard_scope: Literal["batch", "pair"] = "batch",
         entropy_gamma: float = 0.0,
         nonfinite: Literal["stop", "skip"] = "stop",
+        stratified_timesteps: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -261,29 +174,30 @@ class PreferenceDiffusionModule(pl.LightningModule):
         self.safeguard_scope = safeguard_scope
         self.entropy_gamma = entropy_gamma
         self.nonfinite = nonfinite
+        self.stratified_timesteps = stratified_timesteps
         # Only the trained weights go into checkpoints; the frozen parts reload from `backbone`.
         self.strict_loading = False
 
         self.backbone.requires_grad_(False)
+        adapter_config = None
         if finetune == "lora":
+            adapter_config = LoraConfig(
+                r=lora_rank,
+                lora_alpha=lora_alpha or lora_rank,
+                lora_dropout=lora_dropout,
+                init_lora_weights="gaussian",
+                target_modules=list(lora_target_modules or backbone.lora_target_modules),
+            )
             with torch.random.fork_rng(devices=[]):  # the adapters' initial weights depend on `seed` alone
                 torch.manual_seed(seed)
-                self.denoiser.add_adapter(
-                    LoraConfig(
-                        r=lora_rank,
-                        lora_alpha=lora_alpha or lora_rank,
-                        lora_dropout=lora_dropout,
-                        init_lora_weights="gaussian",
-                        target_modules=list(lora_target_modules or backbone.lora_target_modules),
-                    )
-                )
+                self.denoiser.add_adapter(adapter_config)
         else:
             self.denoiser.requires_grad_(True)
-        # A plain attribute, not a submodule: outside the optimizer and never in a checkpoint.
-        self._reference_copy: nn.Module | None = None
-        self._reference_sharded = False  # set once a sharding strategy has partitioned the copy
-        if finetune == "full" and self.uses_reference:
-            self._reference_copy = copy.deepcopy(self.denoiser).requires_grad_(False).eval()
+        #: what the policy is compared with (lightning_pref.reference); a plain attribute, not a submodule
+        self.reference: Reference | None = None
+        if self.uses_reference:
+            self.reference = AdaptersDisabled(self.denoiser, adapter_config) if adapter_config else FrozenCopy(
+                self.denoiser, offload=reference_offload)
         if backbone.gradient_checkpointing_by_default if gradient_checkpointing is None else gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
 
@@ -321,42 +235,38 @@ class PreferenceDiffusionModule(pl.LightningModule):
         check_entropy_gamma(gamma)
 
     def _apply(self, fn, *args, **kwargs):
-        # Device and dtype moves reach the unregistered reference copy too (unless it is CPU-offloaded).
+        # Device and dtype moves reach the reference too (a frozen copy is not a registered submodule).
         super()._apply(fn, *args, **kwargs)
-        if self._reference_copy is not None and not (self.reference_offload or self._reference_sharded):
-            self._reference_copy._apply(fn, *args, **kwargs)
+        if getattr(self, "reference", None) is not None:
+            self.reference.apply(fn)
         return self
+
+    def setup(self, stage: str) -> None:
+        """Single-file checkpoints are written atomically ([`AtomicCheckpointIO`][lightning_pref.checkpoints.AtomicCheckpointIO])
+        unless the run brings its own checkpoint writer (DeepSpeed and FSDP2 write their own directories)."""
+        from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+        from lightning_pref.checkpoints import AtomicCheckpointIO
+
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
 
     # ----------------------------------------------------------------------------------- sharding
     def configure_model(self) -> None:
         """FSDP2 (``ModelParallelStrategy``): shard the denoiser block by block; other strategies: nothing."""
         from lightning.pytorch.strategies import ModelParallelStrategy
+        from torch.distributed.fsdp import FSDPModule
 
-        if isinstance(self.trainer.strategy, ModelParallelStrategy) and not self._reference_sharded:
+        if isinstance(self.trainer.strategy, ModelParallelStrategy) and not isinstance(self.denoiser, FSDPModule):
             fully_shard_blocks(self.denoiser, self.device_mesh["data_parallel"])
 
     def on_fit_start(self) -> None:
         """Partition a full fine-tune's frozen reference the way the strategy shards the policy
-        (:func:`~lightning_pref.strategies.shard_reference`): ZeRO-3 and FSDP2 never hold a whole copy per rank."""
-        if self._reference_copy is None or self._reference_sharded:
-            return
-        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
-        sharded = shard_reference(self._reference_copy, self.trainer.strategy, mesh)
-        if sharded is None:
-            return
-        if self.reference_offload:
-            raise ConfigError(
-                "reference_offload=True moves the whole reference between devices, which a sharded reference "
-                f"cannot do under {type(self.trainer.strategy).__name__}: remove reference_offload and use the "
-                "strategy's parameter offload (examples/strategies/zero3_offload.yaml) instead."
-            )
-        self._reference_copy, self._reference_sharded = sharded, True
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "_reference_copy":  # keep it out of `_modules`
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+        ([`shard_reference`][lightning_pref.strategies.shard_reference]): ZeRO-3 and FSDP2 never hold a whole copy per rank."""
+        if self.reference is not None:
+            mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+            self.reference.shard(self.trainer.strategy, mesh)
 
     # ------------------------------------------------------------------------------ the training step
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -367,20 +277,21 @@ class PreferenceDiffusionModule(pl.LightningModule):
 
     def preference_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> Tensor:
         random = self.step_randomness(batch, batch_idx, stage)
-        pairs = self.prepare_pairs(batch, random)
-        noisy = self.noise_pairs(pairs, random)
-        errors = self.pair_errors(noisy, pairs.conditioning, batch)
+        samples = self.prepare_samples(batch, random)
+        noisy = self.noise_samples(samples, random)
+        errors = self.sample_errors(noisy, samples.conditioning, batch)
         loss, metrics = self.compute_loss(self.entropy_regularized(errors), batch)
         metrics = {**metrics, **self.cross_method_metrics(errors)}
-        self.log_metrics(stage, loss, metrics, batch_size=pairs.latents_w.shape[0])
+        self.log_metrics(stage, loss, metrics, batch_size=samples.num_pairs or samples.latents.shape[0])
         if stage == "train":
-            self.check_finite_loss(loss, dict(zip(("policy_w", "policy_l", "ref_w", "ref_l"), errors.as_args())))
+            self.check_finite_loss(loss, errors.named())
         return loss
 
     def step_randomness(self, batch: dict[str, Any], batch_idx: int, stage: str) -> PairRandomness:
         """Per-pair streams named (seed, stage, optimizer step, micro-batch, the pair's index in the global batch).
 
-        Validation names its streams by batch alone, so every evaluation draws the same noise.
+        Validation names its streams by batch alone, so every evaluation draws the same noise. (An unpaired
+        batch gets one stream per sample.)
         """
         if stage == "train":
             stream = (self.seed, stage, self.global_step, batch_idx % self.trainer.accumulate_grad_batches)
@@ -388,24 +299,42 @@ class PreferenceDiffusionModule(pl.LightningModule):
             stream = (self.seed, stage, batch_idx)
         num_pairs = batch_size_of(batch)
         first = self.global_rank * num_pairs
-        return PairRandomness.for_pairs(stream, range(first, first + num_pairs))
+        return PairRandomness.for_pairs(stream, range(first, first + num_pairs), total=num_pairs * self.trainer.world_size)
 
-    def prepare_pairs(self, batch: dict[str, Any], random: PairRandomness) -> PreferencePairs:
-        """Clean latents of winners and losers and the (caption-dropped) prompt conditioning."""
-        if "latents_w" in batch and "latents_l" in batch:
-            latents_w, latents_l = batch["latents_w"], batch["latents_l"]
-            self.backbone.check_batch_media("latents_w", latents_w, latents=True)
-        elif "pixels_w" in batch and "pixels_l" in batch:
-            self.backbone.check_batch_media("pixels_w", batch["pixels_w"], latents=False)
-            pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])
-            latents_w, latents_l = self.backbone.encode_pixels(pixels, random.generators * 2).chunk(2)
-        else:
+    def prepare_samples(self, batch: dict[str, Any], random: PairRandomness) -> Samples:
+        """The step's clean samples: a pair batch's ``[winners; losers]`` (``prepare_pairs``), or, for a
+        method whose loss takes single labelled samples (``takes_unpaired_samples``), an unpaired batch
+        (``prepare_unpaired``)."""
+        if self.takes_unpaired_samples and pair_media(batch) is None and sample_media(batch) is not None:
+            return self.prepare_unpaired(batch, random)
+        return self.prepare_pairs(batch, random)
+
+    def prepare_pairs(self, batch: dict[str, Any], random: PairRandomness) -> Samples:
+        """Clean latents of winners and losers, stacked once (one encoder call for both), and the
+        (caption-dropped) prompt conditioning of each pair, repeated for its two samples."""
+        media = pair_media(batch)
+        if media is None:
+            wanted = "'pixels_w' and 'pixels_l' (or precomputed 'latents_w' and 'latents_l')"
+            if self.takes_unpaired_samples:
+                wanted += ", or unpaired 'pixels' (or 'latents')"
             raise DataError(
-                f"{type(self).__name__} needs winner/loser images in the batch as 'pixels_w' and 'pixels_l' "
-                f"(or precomputed 'latents_w' and 'latents_l'), but the batch has {sorted(batch)}: check the "
+                f"{type(self).__name__} needs {wanted} in the batch, but the batch has {sorted(batch)}: check the "
                 "DataModule's output or the shard fields it reads."
             )
-        return PreferencePairs(latents_w, latents_l, self.prompt_conditioning(batch, random))
+        kind, winners, losers = media
+        self.backbone.check_batch_media(media_field(kind, WINNER), winners, latents=kind == LATENTS)
+        stacked = torch.cat([winners, losers])
+        if kind == PIXELS:
+            stacked = self.backbone.encode_pixels(stacked, random.generators * 2)
+        conditioning = self.prompt_conditioning(batch, random)
+        return Samples(stacked, concat_conditioning([conditioning, conditioning]), num_pairs=winners.shape[0])
+
+    def prepare_unpaired(self, batch: dict[str, Any], random: PairRandomness) -> Samples:
+        """Clean latents of unpaired samples and their prompt conditioning."""
+        kind, samples = sample_media(batch)
+        self.backbone.check_batch_media(kind, samples, latents=kind == LATENTS)
+        latents = self.backbone.encode_pixels(samples, random.generators) if kind == PIXELS else samples
+        return Samples(latents, self.prompt_conditioning(batch, random), num_pairs=None)
 
     def prompt_conditioning(self, batch: dict[str, Any], random: PairRandomness) -> Conditioning:
         """The batch's prompt conditioning, each row replaced by the empty prompt's with ``caption_dropout``."""
@@ -414,67 +343,56 @@ class PreferenceDiffusionModule(pl.LightningModule):
             conditioning = self.backbone.drop_prompts(conditioning, random.uniform() < self.caption_dropout)
         return conditioning
 
-    def noise_pairs(self, pairs: PreferencePairs, random: PairRandomness) -> NoisyPairs:
-        """Draw one (t, eps) per pair and noise winner and loser with it (METHODS.md, shared notation)."""
-        t = random.timesteps(self.process)
-        noise = random.normal(tuple(pairs.latents_w.shape[1:])).to(pairs.latents_w)
-        x0 = torch.cat([pairs.latents_w, pairs.latents_l])
-        return self.noised(x0, noise.repeat(2, *([1] * (noise.ndim - 1))), t.repeat(2))
+    def noise_samples(self, samples: Samples, random: PairRandomness) -> NoisySamples:
+        """One (t, eps) per pair, shared by its winner and loser (METHODS.md, shared notation), or per unpaired
+        sample; ``x_t``, the target and the process's loss weight of every row."""
+        t = random.timesteps(self.process, stratified=self.stratified_timesteps).to(samples.latents.device)
+        noise = random.normal(tuple(samples.latents.shape[1:])).to(samples.latents)
+        if samples.num_pairs is not None:
+            t, noise = t.repeat(2), noise.repeat(2, *([1] * (noise.ndim - 1)))
+        x0 = samples.latents
+        return NoisySamples(
+            self.process.add_noise(x0, noise, t), self.process.target(x0, noise, t), noise, t,
+            self.process.error_weight(t).to(x0.device),
+        )
 
-    def noised(self, x0: Tensor, noise: Tensor, t: Tensor) -> NoisyPairs:
-        """``x_t`` and the target of clean samples ``x0`` for the given noise and process times."""
-        t = t.to(x0.device)
-        return NoisyPairs(self.process.add_noise(x0, noise, t), self.process.target(x0, noise, t), t)
-
-    def pair_errors(self, noisy: NoisyPairs, conditioning: Conditioning, batch: dict[str, Any]) -> PairErrors:
-        """Per-sample errors of the policy (with grad) and the reference (no grad), one forward each."""
-        policy_prediction, policy, reference = self.sample_errors(noisy, concat_conditioning([conditioning] * 2), batch)
-        policy_w, policy_l = policy.chunk(2)
-        loser_scale = None
-        if self.loser_safeguard:
-            policy_l, loser_scale = self.safeguard_loser(policy_prediction, noisy, policy_l)
-        ref_w, ref_l = reference.chunk(2)
-        return PairErrors(policy_w, policy_l, ref_w, ref_l, noisy.timesteps[: policy_w.shape[0]], loser_scale)
-
-    def sample_errors(
-        self, noisy: NoisyPairs, conditioning: Conditioning, batch: dict[str, Any]
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The policy's prediction, and the per-sample errors of the policy (with grad) and of the reference
-        (no grad; zeros for reference-free methods) on a batch of noisy samples, each ``(N,)``."""
+    def sample_errors(self, noisy: NoisySamples, conditioning: Conditioning, batch: dict[str, Any]) -> SampleErrors:
+        """Per-row errors of the policy (with grad) and the reference (no grad), one forward each over all rows."""
         model_t = self.process.model_timesteps(noisy.timesteps)
         prediction = self.backbone.predict(self.denoiser, noisy.x_t, model_t, self.policy_conditioning(conditioning, batch))
-        policy = self.denoising_errors(prediction, noisy)
-        if not self.uses_reference:
-            return prediction, policy, torch.zeros_like(policy)
-        with torch.no_grad():
-            reference = self.reference_prediction(noisy.x_t, model_t, self.reference_conditioning(conditioning, batch))
-        return prediction, policy, self.denoising_errors(reference, noisy)
+        squared = mean_squared_error(prediction, noisy.target)
+        policy = squared * noisy.error_weight
+        num_pairs = len(noisy.timesteps) // 2 if pair_media(batch) is not None else None
+        loser_scale = None
+        if self.loser_safeguard and num_pairs is not None:
+            policy, loser_scale = self.safeguard_loser(prediction, noisy, policy, num_pairs)
+        if self.reference is None:
+            reference = torch.zeros_like(policy)
+        else:
+            reference_prediction = self.reference_prediction(noisy.x_t, model_t, self.reference_conditioning(conditioning, batch))
+            reference = mean_squared_error(reference_prediction, noisy.target) * noisy.error_weight
+        return SampleErrors(policy, reference, squared.detach(), noisy, num_pairs, loser_scale)
 
-    def denoising_errors(self, prediction: Tensor, noisy: NoisyPairs) -> Tensor:
-        """``mean over non-batch dims of (prediction - target)^2`` in fp32, times the process's weight."""
-        error = (prediction.float() - noisy.target.float()).pow(2).flatten(1).mean(1)
-        return error * self.process.error_weight(noisy.timesteps).to(error.device)
-
-    def compute_loss(self, errors: PairErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(self, errors: SampleErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """The method's objective. Returns the scalar loss and the metrics to log."""
         raise NotImplementedError(f"{type(self).__name__} must implement compute_loss().")
 
     # ------------------------------------------------------------------------ cross-method options
-    def safeguard_loser(self, prediction: Tensor, noisy: NoisyPairs, policy_l: Tensor) -> tuple[Tensor, Tensor]:
-        """The loser's errors with their gradient scaled by the safeguard's ``lambda``, and ``lambda``."""
-        residual_w, residual_l = (prediction.detach().float() - noisy.target.float()).chunk(2)
-        weight = self.process.error_weight(noisy.timesteps[: policy_l.shape[0]])
-        scale = loser_gradient_scale(residual_w, residual_l, self.safeguard_mu, self.safeguard_scope, weight)
-        return scale_gradient(policy_l, scale.to(policy_l.device)), scale
+    def safeguard_loser(self, prediction: Tensor, noisy: NoisySamples, policy: Tensor, num_pairs: int) -> tuple[Tensor, Tensor]:
+        """The policy's errors with the losers' gradient scaled by the safeguard's ``lambda``, and ``lambda``."""
+        residual_w, residual_l = (prediction.detach().float() - noisy.target.float()).split(num_pairs)
+        scale = loser_gradient_scale(residual_w, residual_l, self.safeguard_mu, self.safeguard_scope, noisy.error_weight[:num_pairs])
+        policy_w, policy_l = policy.split(num_pairs)
+        return torch.cat([policy_w, scale_gradient(policy_l, scale.to(policy_l.device))]), scale
 
-    def entropy_regularized(self, errors: PairErrors) -> PairErrors:
-        """The errors :meth:`compute_loss` sees: with ``entropy_gamma``, SEE-DPO's flattened reference."""
+    def entropy_regularized(self, errors: SampleErrors) -> SampleErrors:
+        """The errors ``compute_loss`` sees: with ``entropy_gamma``, SEE-DPO's flattened reference."""
         if not self.entropy_gamma:
             return errors
         ref_w, ref_l = entropy_regularized_reference(*errors.as_args(), beta=self.beta, gamma=self.entropy_gamma)
-        return dataclasses.replace(errors, ref_w=ref_w, ref_l=ref_l)
+        return dataclasses.replace(errors, reference=torch.cat([ref_w, ref_l]))
 
-    def cross_method_metrics(self, errors: PairErrors) -> dict[str, Tensor]:
+    def cross_method_metrics(self, errors: SampleErrors) -> dict[str, Tensor]:
         """The safeguard's ``lambda``; with ``entropy_gamma``, the error metrics of the true reference."""
         metrics = error_metrics(*errors.as_args()) if self.entropy_gamma else {}
         if errors.loser_gradient_scale is not None:
@@ -491,35 +409,31 @@ class PreferenceDiffusionModule(pl.LightningModule):
         return conditioning
 
     def reference_prediction(self, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor:
-        """The frozen reference's prediction: adapters disabled (LoRA) or the frozen copy (full)."""
-        with self.reference_denoiser() as reference:
-            return self.backbone.predict(reference, x_t, timesteps, conditioning)
+        """The reference's prediction ([`Reference.predict`][lightning_pref.reference.Reference.predict])."""
+        return self.checked_reference().predict(self.backbone, x_t, timesteps, conditioning)
 
-    @contextlib.contextmanager
-    def reference_denoiser(self) -> Iterator[nn.Module]:
-        """The reference network, ready to call, for the duration of the ``with`` block."""
-        if not self.uses_reference:
+    def reference_denoiser(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """The reference network, ready to call on this module's device, for the duration of a ``with`` block."""
+        return self.checked_reference().network(self.device)
+
+    def trained_weights(self) -> dict[str, Tensor]:
+        """A snapshot of the trained tensors, as CPU copies named as in the denoiser's state dict: the adapters'
+        weights under LoRA, the whole denoiser in a full fine-tune. ``self.reference.install(snapshot)`` makes
+        them the reference."""
+        if self.finetune == "lora":
+            return {name: p.detach().to("cpu", copy=True) for name, p in self.denoiser.named_parameters() if p.requires_grad}
+        return {name: value.detach().to("cpu", copy=True) for name, value in self.denoiser.state_dict().items()}
+
+    def checked_reference(self) -> Reference:
+        if self.reference is None:
             raise RuntimeError(
                 f"{type(self).__name__} is reference-free: it keeps no reference network. Load the base model "
                 "from its pipeline (type(module.backbone)(module.backbone.pretrained)) to compare with it."
             )
-        if self.finetune == "lora":
-            self.denoiser.disable_adapters()
-            try:
-                yield self.denoiser
-            finally:
-                self.denoiser.enable_adapters()
-        elif self.reference_offload:
-            self._reference_copy.to(self.device)
-            try:
-                yield self._reference_copy
-            finally:
-                self._reference_copy.to("cpu")
-        else:
-            yield self._reference_copy
+        return self.reference
 
     def configure_callbacks(self) -> list[pl.Callback]:
-        """A checkpoint on SIGTERM (:class:`~lightning_pref.callbacks.SaveOnSigterm`) unless the run has one."""
+        """A checkpoint on SIGTERM ([`SaveOnSigterm`][lightning_pref.callbacks.SaveOnSigterm]) unless the run has one."""
         from lightning_pref.callbacks import SaveOnSigterm
 
         if any(isinstance(callback, SaveOnSigterm) for callback in self.trainer.callbacks):
@@ -529,7 +443,7 @@ class PreferenceDiffusionModule(pl.LightningModule):
     # ------------------------------------------------------------------------------ non-finite values
     def check_finite_loss(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
         """Stop (``nonfinite="stop"``) on a NaN or infinite loss, naming the step and the non-finite error terms;
-        with ``skip`` the step's gradients are dropped in :meth:`on_before_optimizer_step`."""
+        with ``skip`` the step's gradients are dropped in ``on_before_optimizer_step``."""
         if bool(torch.isfinite(loss)):
             return
         bad = [f"{name} ({int((~torch.isfinite(value)).sum())} of {value.numel()})" for name, value in terms.items()
@@ -628,9 +542,9 @@ class PreferenceDiffusionModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resume with this run's config: refuse a checkpoint trained with tensors of another shape, apply (and
         log) harmless differences such as ``lr`` or ``beta``, also to the restored optimizer and schedule."""
-        self.check_resumed_options(checkpoint.get("hyper_parameters") or {})
-        if checkpoint.get("optimizer_states"):
-            apply_optimizer_options(checkpoint, self.optimizer_options())
+        changed = check_resumed_options(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
+        if checkpoint.get("optimizer_states") and changed:
+            apply_optimizer_options(checkpoint, changed_optimizer_entries(self.optimizer_options(), changed))
         if "state_dict" not in checkpoint:  # DeepSpeed restores the weights through its engine
             return
         missing = self.trained_state_keys() - set(checkpoint["state_dict"])
@@ -641,37 +555,5 @@ class PreferenceDiffusionModule(pl.LightningModule):
                 "with the configuration that wrote it."
             )
 
-    def check_resumed_options(self, saved: dict[str, Any]) -> None:
-        def plain(value: Any) -> Any:
-            return list(value) if isinstance(value, (tuple, list)) else value
-
-        changed = {key: (saved[key], value) for key, value in self.hparams.items()
-                   if key in saved and not key.startswith("_") and plain(saved[key]) != plain(value)}
-        shaping = {key: pair for key, pair in changed.items() if key in TENSOR_SHAPING_OPTIONS}
-        if shaping:
-            described = ", ".join(f"{key}: {old!r} in the checkpoint, {new!r} in the config" for key, (old, new) in shaping.items())
-            raise CheckpointError(
-                f"cannot resume: {described}. These options shape the trained tensors: resume with the checkpoint's "
-                "values, or start a new run without --ckpt_path."
-            )
-        for key, (old, new) in changed.items():
-            log.info("resuming with %s=%r from the config (the checkpoint trained with %r)", key, new, old)
 
 
-#: options that decide what the trained tensors are: a resumed run must keep the checkpoint's values
-TENSOR_SHAPING_OPTIONS = ("finetune", "lora_rank", "lora_alpha", "lora_target_modules", "optimizer")
-
-
-def apply_optimizer_options(checkpoint: dict[str, Any], options: dict[str, Any]) -> None:
-    """Write this run's ``lr``, ``weight_decay`` and ``betas`` into a checkpoint's optimizer and LR-schedule
-    states before Lightning restores them (it would otherwise bring back the old values), keeping the schedule's
-    position (the current lr over the base lr)."""
-    for state in checkpoint["optimizer_states"]:
-        for group in state["param_groups"]:
-            position = group["lr"] / group["initial_lr"] if group.get("initial_lr") else 1.0
-            group.update({key: value for key, value in options.items() if key in group})
-            if "initial_lr" in group:
-                group["initial_lr"], group["lr"] = options["lr"], options["lr"] * position
-    for schedule in checkpoint.get("lr_schedulers") or []:
-        if "base_lrs" in schedule:
-            schedule["base_lrs"] = [options["lr"]] * len(schedule["base_lrs"])

@@ -8,7 +8,8 @@ from torch import Tensor
 
 from lightning_pref.losses.common import check_preference_loss_options
 from lightning_pref.losses.diffusion_dpo import diffusion_dpo_loss
-from lightning_pref.methods.base import PairErrors, PreferenceDiffusionModule
+from lightning_pref.methods.base import PreferenceDiffusionModule
+from lightning_pref.methods.step import SampleErrors
 
 
 class DiffusionDPO(PreferenceDiffusionModule):
@@ -29,5 +30,5 @@ class DiffusionDPO(PreferenceDiffusionModule):
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
 
-    def compute_loss(self, errors: PairErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(self, errors: SampleErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         return diffusion_dpo_loss(*errors.as_args(), beta=self.beta, kind=self.loss_type, label_smoothing=self.label_smoothing)

@@ -11,7 +11,8 @@ from typing import Any
 from torch import Tensor
 
 from lightning_pref.losses.dmpo import check_dmpo_alpha, dmpo_loss
-from lightning_pref.methods.base import PairErrors, PreferenceDiffusionModule
+from lightning_pref.methods.base import PreferenceDiffusionModule
+from lightning_pref.methods.step import SampleErrors
 
 
 class DMPO(PreferenceDiffusionModule):
@@ -31,5 +32,5 @@ class DMPO(PreferenceDiffusionModule):
         super().__init__(*args, **kwargs)
         self.alpha = alpha
 
-    def compute_loss(self, errors: PairErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(self, errors: SampleErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         return dmpo_loss(*errors.as_args(), beta=self.beta, alpha=self.alpha)

@@ -10,11 +10,11 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_pref.errors import ConfigError
 from lightning_pref.losses.dpo_clip_mask import dpo_clip_mask_loss
 from lightning_pref.losses.importance import check_importance_options
-from lightning_pref.methods.base import PairErrors
 from lightning_pref.methods.importance import ImportanceWeightedModule
-from lightning_pref.errors import ConfigError
+from lightning_pref.methods.step import SampleErrors
 
 
 class DPOClipMask(ImportanceWeightedModule):
@@ -45,7 +45,7 @@ class DPOClipMask(ImportanceWeightedModule):
         super().__init__(*args, mask_threshold=mask_threshold, **kwargs)
         self.margin_clip = margin_clip
 
-    def compute_loss(self, errors: PairErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(self, errors: SampleErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         weight_w, weight_l = self.importance_weights(errors)
         loss, metrics = dpo_clip_mask_loss(
             *errors.as_args(), weight_w, weight_l, beta=self.beta, mask_threshold=self.mask_threshold, margin_clip=self.margin_clip

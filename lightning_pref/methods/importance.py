@@ -10,14 +10,16 @@ choice below is an option. The mask, the clipped weight and their option checks:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 from torch import Tensor
 
-from lightning_pref.losses.importance import check_importance_options, importance_mask, timestep_bucket_means
-from lightning_pref.methods.base import NoisyPairs, PairErrors, PairRandomness, PreferenceDiffusionModule, PreferencePairs
 from lightning_pref.errors import ConfigError
+from lightning_pref.losses.importance import check_importance_options, importance_mask, timestep_bucket_means
+from lightning_pref.methods.base import PreferenceDiffusionModule
+from lightning_pref.methods.step import NoisySamples, SampleErrors, Samples
+from lightning_pref.seeding import PairRandomness
 
 
 class ImportanceWeightedModule(PreferenceDiffusionModule):
@@ -53,33 +55,27 @@ class ImportanceWeightedModule(PreferenceDiffusionModule):
         self.kl_reduction = kl_reduction
         self.weight_estimator = weight_estimator
         self.importance_step = importance_step
-        # Set by each step's noising: what the weights need besides the errors.
-        self._elements_per_sample: int | None = None
-        self._weight_noise: Tensor | None = None
 
-    def noise_pairs(self, pairs: PreferencePairs, random: PairRandomness) -> NoisyPairs:
-        noisy = super().noise_pairs(pairs, random)
-        self._elements_per_sample = noisy.x_t[0].numel()  # what a `sum` KL sums over
-        if self.weight_estimator == "sampled":  # one standard normal per sample, from each pair's stream
-            self._weight_noise = random.normal((2,)).T.flatten().double()
-        return noisy
+    def noise_samples(self, samples: Samples, random: PairRandomness) -> NoisySamples:
+        noisy = super().noise_samples(samples, random)
+        if self.weight_estimator == "expected":
+            return noisy
+        standard_normal = random.normal((2,)).T.flatten().double()  # one per sample, [winners; losers], from its pair's stream
+        return ImportanceNoisySamples(**vars(noisy), standard_normal=standard_normal)
 
-    def importance_weights(self, errors: PairErrors) -> tuple[Tensor, Tensor]:
-        """``(w_w, w_l)``, each ``(B,)``, from the policy's errors (stop-gradient)."""
-        t = errors.timesteps.repeat(2)
-        # The weight is a property of the denoising error itself, not of the process's loss weighting.
-        loss_weight = self.process.error_weight(t).to(errors.policy_w.device).clamp(min=1e-12)
-        squared_error = torch.cat([errors.policy_w, errors.policy_l]) / loss_weight
-        if self.kl_reduction == "sum":
-            if self._elements_per_sample is None:
-                raise RuntimeError("kl_reduction='sum' needs the latent size: call noise_pairs() before compute_loss().")
-            squared_error = squared_error * self._elements_per_sample
+    def importance_weights(self, errors: SampleErrors) -> tuple[Tensor, Tensor]:
+        """``(w_w, w_l)``, each ``(B,)``, from the policy's unweighted errors (stop-gradient): the weight is a
+        property of the denoising error itself, not of the process's loss weighting."""
+        squared_error = errors.policy_squared
+        if self.kl_reduction == "sum":  # the KL of the whole latent
+            squared_error = squared_error * errors.noisy.x_t[0].numel()
         log_weight = self.process.log_importance_weight(
-            t, squared_error, self.weight_estimator, self.importance_step, self._weight_noise
+            errors.noisy.timesteps, squared_error, self.weight_estimator, self.importance_step,
+            getattr(errors.noisy, "standard_normal", None),
         )
-        return log_weight.exp().chunk(2)
+        return errors.halves(log_weight.exp())
 
-    def weight_metrics(self, errors: PairErrors, weight_w: Tensor, weight_l: Tensor) -> dict[str, Tensor]:
+    def weight_metrics(self, errors: SampleErrors, weight_w: Tensor, weight_l: Tensor) -> dict[str, Tensor]:
         """Mean weights per branch, and per timestep bucket the mean weight and (with a mask) the masked fraction."""
         fraction = self.process.time_fraction(errors.timesteps)
         metrics = {
@@ -91,3 +87,10 @@ class ImportanceWeightedModule(PreferenceDiffusionModule):
             masked = 1 - importance_mask(weight_w, weight_l, self.mask_threshold)
             metrics.update(timestep_bucket_means(masked, fraction, "masked_fraction"))
         return metrics
+
+
+@dataclass
+class ImportanceNoisySamples(NoisySamples):
+    """The noised samples plus one standard normal per sample for the ``sampled`` weight estimator."""
+
+    standard_normal: Tensor | None = None

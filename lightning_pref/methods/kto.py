@@ -12,10 +12,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_pref.batch import LABEL
+from lightning_pref.errors import DataError
 from lightning_pref.losses.common import implicit_reward_margin, pairwise_metrics
 from lightning_pref.losses.kto import check_kto_weights, kto_loss
-from lightning_pref.methods.base import PairErrors, PreferenceDiffusionModule
-from lightning_pref.errors import DataError
+from lightning_pref.methods.base import PreferenceDiffusionModule
+from lightning_pref.methods.step import SampleErrors
 
 
 def mean_across_ranks(value: Tensor) -> Tensor:
@@ -49,6 +51,7 @@ class DiffusionKTO(PreferenceDiffusionModule):
     """
 
     pairwise = False
+    takes_unpaired_samples = True
 
     def __init__(
         self,
@@ -63,28 +66,14 @@ class DiffusionKTO(PreferenceDiffusionModule):
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight
 
-    def preference_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> Tensor:
-        if {"pixels_w", "latents_w"} & set(batch) or not {"pixels", "latents"} & set(batch):
-            return super().preference_step(batch, batch_idx, stage)
-        return self.unpaired_step(batch, batch_idx, stage)
-
-    def unpaired_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> Tensor:
-        """One step on labelled samples: per-sample (t, eps), one policy and one reference forward."""
-        if "label" not in batch:
-            raise DataError(f"DiffusionKTO got an unpaired batch without 'label' (it has {sorted(batch)}): give the "
-                           "DataModule labelled samples (UnpairedDataModule reads 'label' from each sample's json).")
-        random = self.step_randomness(batch, batch_idx, stage)
-        x0 = batch["latents"] if "latents" in batch else self.backbone.encode_pixels(batch["pixels"], random.generators)
-        noisy = self.noised(x0, random.normal(tuple(x0.shape[1:])).to(x0), random.timesteps(self.process))
-        _, policy, reference = self.sample_errors(noisy, self.prompt_conditioning(batch, random), batch)
-        loss, metrics = self.labelled_loss(policy, reference, batch["label"].to(policy.device).bool())
-        self.log_metrics(stage, loss, metrics, batch_size=x0.shape[0])
-        return loss
-
-    def compute_loss(self, errors: PairErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        policy = torch.cat([errors.policy_w, errors.policy_l])
-        desirable = torch.arange(policy.shape[0], device=policy.device) < errors.policy_w.shape[0]
-        loss, metrics = self.labelled_loss(policy, torch.cat([errors.ref_w, errors.ref_l]), desirable)
+    def compute_loss(self, errors: SampleErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        if errors.num_pairs is None:  # unpaired samples carry their own labels
+            if LABEL not in batch:
+                raise DataError(f"DiffusionKTO got an unpaired batch without 'label' (it has {sorted(batch)}): give the "
+                                "DataModule labelled samples (UnpairedDataModule reads 'label' from each sample's json).")
+            return self.labelled_loss(errors.policy, errors.reference, batch[LABEL].to(errors.policy.device).bool())
+        desirable = torch.arange(len(errors.policy), device=errors.policy.device) < errors.num_pairs  # [winners; losers]
+        loss, metrics = self.labelled_loss(errors.policy, errors.reference, desirable)
         margin = implicit_reward_margin(*errors.as_args(), beta=self.beta)
         return loss, {**pairwise_metrics(margin, *errors.as_args()), **metrics}
 

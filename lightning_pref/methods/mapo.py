@@ -11,7 +11,8 @@ from typing import Any
 from torch import Tensor
 
 from lightning_pref.losses.mapo import check_mapo_options, mapo_loss
-from lightning_pref.methods.base import PairErrors, PreferenceDiffusionModule
+from lightning_pref.methods.base import PreferenceDiffusionModule
+from lightning_pref.methods.step import SampleErrors
 
 
 class MaPO(PreferenceDiffusionModule):
@@ -40,5 +41,5 @@ class MaPO(PreferenceDiffusionModule):
         self.error_scale = error_scale
         self.margin_scale = margin_scale if margin_scale is not None else float(self.process.num_train_timesteps)
 
-    def compute_loss(self, errors: PairErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(self, errors: SampleErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         return mapo_loss(errors.policy_w, errors.policy_l, self.beta, self.error_scale, self.margin_scale)

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from lightning_pref.losses.importance import check_importance_options
 from lightning_pref.losses.sdpo import sdpo_loss
-from lightning_pref.methods.base import PairErrors
 from lightning_pref.methods.importance import ImportanceWeightedModule
+from lightning_pref.methods.step import SampleErrors
 
 
 class SDPO(ImportanceWeightedModule):
@@ -47,7 +47,7 @@ class SDPO(ImportanceWeightedModule):
         self.clip_eps = clip_eps
         self.weight_placement = weight_placement
 
-    def compute_loss(self, errors: PairErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    def compute_loss(self, errors: SampleErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         weight_w, weight_l = self.importance_weights(errors)
         loss, metrics = sdpo_loss(
             *errors.as_args(),

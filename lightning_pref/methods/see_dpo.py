@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_pref.methods.diffusion_dpo import DiffusionDPO
 from lightning_pref.errors import ConfigError
+from lightning_pref.methods.diffusion_dpo import DiffusionDPO
 
 
 class SEEDPO(DiffusionDPO):

@@ -1,6 +1,6 @@
 """The reward interface: score a batch of images against their prompts, higher is better.
 
-Toy rewards (:mod:`lightning_pref.rewards.toy`) and learned ones (PickScore, CLIP score, HPS) share it, so
+Toy rewards ([`lightning_pref.rewards.toy`][lightning_pref.rewards.toy]) and learned ones (PickScore, CLIP score, HPS) share it, so
 preference-pair builders and evaluation code never care which one they hold.
 """
 
@@ -32,9 +32,9 @@ def check_reward_inputs(images: Tensor, prompts: Sequence[str]) -> None:
 
 
 class RewardModel(nn.Module):
-    """Base class of rewards. Subclasses set ``name`` and implement :meth:`compute`.
+    """Base class of rewards. Subclasses set ``name`` and implement ``compute``.
 
-    Call :meth:`score` (or the module itself): it checks the inputs, then calls :meth:`compute`.
+    Call ``score`` (or the module itself): it checks the inputs, then calls ``compute``.
     """
 
     name: str = "reward"
@@ -48,7 +48,7 @@ class RewardModel(nn.Module):
         return self.score(images, prompts)
 
     def compute(self, images: Tensor, prompts: list[str]) -> Tensor:
-        """The rewards, for inputs already checked by :meth:`score`."""
+        """The rewards, for inputs already checked by ``score``."""
         raise NotImplementedError(f"{type(self).__name__} must implement compute(images, prompts).")
 
 
@@ -59,7 +59,7 @@ class WeightedSumReward(RewardModel):
         super().__init__()
         if not terms:
             raise ValueError("terms is empty: pass at least one (reward, weight) pair.")
-        for reward, weight in terms:
+        for reward, _ in terms:
             if not isinstance(reward, RewardModel):
                 raise ValueError(f"terms must hold (RewardModel, weight) pairs; got {type(reward).__name__}.")
         self.rewards = nn.ModuleList(reward for reward, _ in terms)

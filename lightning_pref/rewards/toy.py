@@ -1,15 +1,15 @@
-"""Rewards for the toy world (:mod:`lightning_pref.toy.world`), computed from pixels alone.
+"""Rewards for the toy world ([`lightning_pref.toy.world`][lightning_pref.toy.world]), computed from pixels alone.
 
 All of them start by separating the shape from the background: the background colour is the median of
 the image's one-pixel border (the world keeps shapes off the border), and a pixel belongs to the shape
-when its RGB distance to that colour exceeds :data:`FOREGROUND_DISTANCE` (the weakest contrast in the
+when its RGB distance to that colour exceeds ``FOREGROUND_DISTANCE`` (the weakest contrast in the
 world, purple on gray, is 0.39) and most of its 3x3 neighbours agree. Everything is vectorised over
 the batch: thousands of 32x32 images per second on one CPU core. None of them is differentiable (the
 masks are hard): they label preference pairs and measure samples, they do not backpropagate.
 
-* :class:`WarmthReward`: how warm the shape's colour is, in [0, 1] (red 1, blue close to 0).
-* :class:`ShapeAgreementReward`: 1 when the drawn shape is the one the prompt names, else 0.
-* :class:`ColorAgreementReward`: 1 when the drawn colour is the one the prompt names (or it names none).
+* ``WarmthReward``: how warm the shape's colour is, in [0, 1] (red 1, blue close to 0).
+* ``ShapeAgreementReward``: 1 when the drawn shape is the one the prompt names, else 0.
+* ``ColorAgreementReward``: 1 when the drawn colour is the one the prompt names (or it names none).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def background_colors(images: Tensor) -> Tensor:
 
 
 def foreground_masks(images: Tensor) -> Tensor:
-    """``(B, H, W)`` bool: the pixels farther than :data:`FOREGROUND_DISTANCE` from the background colour,
+    """``(B, H, W)`` bool: the pixels farther than ``FOREGROUND_DISTANCE`` from the background colour,
     cleaned by a 3x3 majority vote so that isolated noisy pixels neither join nor hole the shape."""
     distance = (images - background_colors(images)[:, :, None, None]).norm(dim=1)
     far = (distance > FOREGROUND_DISTANCE).float()[:, None]
@@ -78,7 +78,7 @@ def hue_warmth(hue: Tensor) -> Tensor:
 
 
 def classify_colors(images: Tensor) -> Tensor:
-    """``(B,)`` index into :data:`~lightning_pref.toy.world.COLORS` of the palette hue nearest the shape's
+    """``(B,)`` index into ``COLORS`` (lightning_pref.toy.world) of the palette hue nearest the shape's
     hue; -1 when no shape is found or it is gray. Hue ignores blending with the world's gray-level
     backgrounds, so anti-aliased edges do not shift it."""
     colors, found = foreground_colors(images)
@@ -126,7 +126,7 @@ def shape_templates() -> Tensor:
 
 
 def classify_shapes(images: Tensor) -> Tensor:
-    """``(B,)`` index into :data:`~lightning_pref.toy.world.SHAPES` of the template that overlaps the
+    """``(B,)`` index into ``SHAPES`` (lightning_pref.toy.world) of the template that overlaps the
     normalised foreground mask best (intersection over union); -1 when no shape is found."""
     masks = foreground_masks(images)
     normalized = normalize_masks(masks)[:, None]  # (B, 1, G, G)
@@ -145,7 +145,7 @@ class WarmthReward(RewardModel):
     """How warm the shape's colour is, in [0, 1]; the prompt is ignored.
 
     ``warmth = 0.5 + min(1, saturation / FULL_SATURATION) * (hue_warmth(hue) - 0.5)`` of the shape's mean
-    colour: the hue's warmth (:func:`hue_warmth`) for any clearly coloured shape, fading to a neutral 0.5
+    colour: the hue's warmth (``hue_warmth``) for any clearly coloured shape, fading to a neutral 0.5
     as the colour turns gray. An image with no shape scores 0.5. The world's palette scores red 1.00,
     orange 0.87, yellow 0.78, green 0.44, purple 0.25, blue 0.07.
     """
@@ -161,7 +161,7 @@ class WarmthReward(RewardModel):
 
 
 class ShapeAgreementReward(RewardModel):
-    """1 when the shape drawn (:func:`classify_shapes`) is the shape the prompt names, else 0."""
+    """1 when the shape drawn (``classify_shapes``) is the shape the prompt names, else 0."""
 
     name = "shape_agreement"
 
@@ -178,7 +178,7 @@ class ShapeAgreementReward(RewardModel):
 
 
 class ColorAgreementReward(RewardModel):
-    """1 when the colour drawn (:func:`classify_colors`) is the colour the prompt names, else 0; prompts
+    """1 when the colour drawn (``classify_colors``) is the colour the prompt names, else 0; prompts
     naming no colour score 1 for any image."""
 
     name = "color_agreement"

@@ -6,7 +6,7 @@ Prompts always name the shape and only sometimes the colour and the background, 
 
 Colour, shape and background are drawn uniformly and independently, whatever the prompt says. A model
 trained here therefore draws every colour of the palette for "a circle": colour is the axis a preference
-(for instance "warm colours", see :mod:`lightning_pref.rewards.toy`) can move without hurting prompt
+(for instance "warm colours", see [`lightning_pref.rewards.toy`][lightning_pref.rewards.toy]) can move without hurting prompt
 agreement. Everything is seeded: the same generator state gives the same prompt and the same pixels.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
 from lightning_pref.errors import ConfigError
 
 SHAPES = ("circle", "square", "triangle", "cross")

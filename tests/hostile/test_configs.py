@@ -22,10 +22,10 @@ import sys
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
-
 from cli_helpers import LrRecordingDPO, tiny_config, write_config
 from conftest import random_pairs
+from torch.utils.data import DataLoader
+
 from lightning_pref.cli import main
 from lightning_pref.errors import TrainingError
 from lightning_pref.methods import DiffusionDPO
@@ -138,3 +138,35 @@ def test_resuming_refuses_other_tensors_and_applies_a_new_lr(config, tmp_path, c
     main(["fit", "--config", config, "--model.class_path", "cli_helpers.LrRecordingDPO", "--model.init_args.lr", "0.5",
           "--model.init_args.beta", "5", "--ckpt_path", str(checkpoint), "--trainer.max_steps", "3"])
     assert LrRecordingDPO.seen == {"lr": 0.5, "beta": 5.0}
+
+
+def test_checkpoints_are_written_atomically_and_a_failed_write_is_an_error(tiny_sd, tmp_path, monkeypatch):
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_pref.backbones import StableDiffusionBackbone
+    from lightning_pref.errors import CheckpointError
+
+    def fit(dirpath):
+        trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=tmp_path, callbacks=[ModelCheckpoint(dirpath=dirpath, every_n_train_steps=1, save_top_k=-1)])
+        trainer.fit(DiffusionDPO(StableDiffusionBackbone(str(tiny_sd))), DataLoader(random_pairs(4), batch_size=2))
+        return trainer
+
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(CheckpointError, match=r"could not write the checkpoint .*a_file"):
+        fit(tmp_path / "a_file" / "checkpoints")
+
+    fit(tmp_path / "good")
+    written = {path.name: path.read_bytes() for path in (tmp_path / "good").iterdir()}
+    assert sorted(written) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"]  # no leftover partial files
+
+    def dies_mid_write(obj, file, *args, **kwargs):  # a crash while writing: half a file, then the error
+        with open(file, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        fit(tmp_path / "good")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "good").iterdir()} == written  # the old ones, intact

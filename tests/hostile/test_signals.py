@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from interrupted_runs import losses, script_command, write_resume_shards
-from lightning_pref.backbones.tiny import write_tiny_sd_pipeline
+
+from lightning_pref.tiny import write_tiny_sd_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,6 @@ from lightning_pref.datamodules import PreferenceDataModule, UnpairedDataModule,
 from lightning_pref.datamodules.shards import encode_image
 from lightning_pref.errors import ConfigError, DataError
 from lightning_pref.methods import DiffusionDPO
-from shard_helpers import append_members
 
 WHITE = np.full((16, 16, 3), 255, np.uint8)
 BLACK = np.zeros((16, 16, 3), np.uint8)

@@ -34,13 +34,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from shard_helpers import read_samples
 
 from lightning_pref.datamodules.media import encode_video
 from lightning_pref.datamodules.pairs import PairColumns, convert_pair_table, convert_videodpo
 from lightning_pref.datamodules.pickapic import convert_pickapic
 from lightning_pref.datamodules.shards import key_part, write_preference_shards
 from lightning_pref.errors import ConfigError, DataError, MissingFileError
-from shard_helpers import read_samples
 
 
 def jpeg(value: int) -> bytes:

@@ -38,7 +38,7 @@ def test_ddpm_coefficient_is_the_spec_formula():
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_closed_form_weight_is_minus_the_kl_of_the_diffusers_reverse_step(prediction_type):
-    """log w = -KL(q(x_prev | x_t, x0) || p_theta(x_prev | x_t)), with both means taken from diffusers' DDPM step."""
+    """Log w = -KL(q(x_prev | x_t, x0) || p_theta(x_prev | x_t)), with both means taken from diffusers' DDPM step."""
     scheduler = ddpm_scheduler(prediction_type)
     process = DDPMProcess(scheduler.config)
     x0, noise, prediction = torch.randn(3, 4, 8, 8, dtype=torch.float64).unbind(0)
@@ -48,7 +48,7 @@ def test_closed_form_weight_is_minus_the_kl_of_the_diffusers_reverse_step(predic
         x_t = process.add_noise(x0, noise, step)
         target = process.target(x0, noise, step)
 
-        def reverse_mean(model_output):  # the same noise draw in both: the difference of the samples is the mean gap
+        def reverse_mean(model_output, t=t, x_t=x_t):  # the same noise draw in both: the samples differ by the mean gap
             return scheduler.step(model_output, t, x_t, generator=torch.Generator().manual_seed(0)).prev_sample
 
         gap = reverse_mean(prediction) - reverse_mean(target)

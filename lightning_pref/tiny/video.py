@@ -1,4 +1,4 @@
-"""Tiny CogVideoX and Wan2.1 pipelines built from configs, offline, for tests and examples.
+"""Tiny CogVideoX and Wan2.1 pipelines built from configs, offline, for tests.
 
 Each writer saves a complete diffusers pipeline directory (``model_index.json``, ``tokenizer/``,
 ``text_encoder/``, ``transformer/``, ``vae/``, ``scheduler/``) that loads through the backbones'
@@ -11,7 +11,6 @@ default) become ``1 + k`` latent frames of ``8 x 8``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from diffusers import (
@@ -23,7 +22,13 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
-from lightning_pref.backbones.tiny import TINY_WORDS, build_t5_tokenizer, tiny_t5_encoder, write_model_index
+from lightning_pref.tiny.image import (
+    PROMPT_TOKENS,
+    TINY_WORDS,
+    build_t5_tokenizer,
+    tiny_t5_encoder,
+    write_model_index,
+)
 
 TEXT_WIDTH = 32  # hidden size of the tiny T5 / UMT5 encoders
 LATENT_CHANNELS = 4
@@ -31,9 +36,9 @@ PIXEL_SIZE = 16
 NUM_FRAMES = 5  # pixel frames: 3 latent frames
 
 
-def write_text_encoder(path: Path, words: Iterable[str], max_length: int, umt5: bool) -> dict[str, list[str]]:
+def write_text_encoder(path: Path, umt5: bool) -> dict[str, list[str]]:
     """Save a tiny T5 (or UMT5) tokenizer and encoder; return their ``model_index.json`` entries."""
-    tokenizer = build_t5_tokenizer(words, model_max_length=max_length)
+    tokenizer = build_t5_tokenizer(TINY_WORDS)
     encoder = tiny_t5_encoder(len(tokenizer), TEXT_WIDTH, umt5=umt5)
     tokenizer.save_pretrained(path / "tokenizer")
     encoder.save_pretrained(path / "text_encoder")
@@ -43,22 +48,13 @@ def write_text_encoder(path: Path, words: Iterable[str], max_length: int, umt5: 
     }
 
 
-def write_tiny_cogvideox_pipeline(
-    path: str | Path,
-    *,
-    rotary: bool = True,
-    patch_size_t: int | None = None,
-    max_sequence_length: int = 16,
-    words: Iterable[str] = TINY_WORDS,
-    seed: int = 0,
-) -> Path:
+def write_tiny_cogvideox_pipeline(path: str | Path, *, rotary: bool = True, patch_size_t: int | None = None) -> Path:
     """A tiny CogVideoX pipeline: ``rotary`` like the 5B (else sin-cos positions like the 2B), ``patch_size_t``
-    like CogVideoX1.5 (latent frames patched in pairs), ``max_sequence_length`` text tokens (226 in the real
-    ones). v-prediction with CogVideoX's shifted, zero-terminal-SNR schedule (``CogVideoXDDIMScheduler``,
-    ``snr_shift_scale=3``)."""
+    like CogVideoX1.5 (latent frames patched in pairs), 16 text tokens (226 in the real ones). v-prediction with
+    CogVideoX's shifted, zero-terminal-SNR schedule (``CogVideoXDDIMScheduler``, ``snr_shift_scale=3``)."""
     path = Path(path)
-    torch.manual_seed(seed)
-    components = write_text_encoder(path, words, max_sequence_length, umt5=False)
+    torch.manual_seed(0)
+    components = write_text_encoder(path, umt5=False)
     AutoencoderKLCogVideoX(
         block_out_channels=(8, 16),
         down_block_types=("CogVideoXDownBlock3D",) * 2,
@@ -84,7 +80,7 @@ def write_tiny_cogvideox_pipeline(
         patch_size=2,
         patch_size_t=patch_size_t,
         temporal_compression_ratio=2,
-        max_text_seq_length=max_sequence_length,
+        max_text_seq_length=PROMPT_TOKENS,
         use_rotary_positional_embeddings=rotary,
     ).save_pretrained(path / "transformer")
     CogVideoXDDIMScheduler(
@@ -103,18 +99,13 @@ def write_tiny_cogvideox_pipeline(
     return path
 
 
-def write_tiny_wan_pipeline(
-    path: str | Path,
-    *,
-    flow_shift: float = 3.0,
-    words: Iterable[str] = TINY_WORDS,
-    seed: int = 0,
-) -> Path:
+def write_tiny_wan_pipeline(path: str | Path) -> Path:
     """A tiny Wan2.1 pipeline: UMT5 encoder, ``WanTransformer3DModel``, ``AutoencoderKLWan`` with per-channel
-    latent statistics, and Wan's flow-matching ``UniPCMultistepScheduler`` config (``flow_shift``)."""
+    latent statistics, and Wan's flow-matching ``UniPCMultistepScheduler`` config (``flow_shift`` 3, as Wan2.1
+    at 480p)."""
     path = Path(path)
-    torch.manual_seed(seed)
-    components = write_text_encoder(path, words, max_length=16, umt5=True)
+    torch.manual_seed(0)
+    components = write_text_encoder(path, umt5=True)
     AutoencoderKLWan(
         base_dim=8,
         z_dim=LATENT_CHANNELS,
@@ -139,7 +130,7 @@ def write_tiny_wan_pipeline(
         rope_max_seq_len=32,
     ).save_pretrained(path / "transformer")
     UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift, num_train_timesteps=1000
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
     ).save_pretrained(path / "scheduler")
     components.update(
         vae=["diffusers", "AutoencoderKLWan"],

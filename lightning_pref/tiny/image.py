@@ -1,16 +1,17 @@
-"""Tiny pipelines built from configs, offline, in well under a second.
+"""Tiny SD1.5, SDXL, pixel-space and SD3.5 pipelines, and the tiny tokenizers and text encoders they are made of.
 
-Tests, the quickstart and the toy world never download weights: they write a complete diffusers-style
-pipeline directory (``model_index.json``, the denoiser's ``unet/`` or ``transformer/``, text encoders and
-tokenizers, ``scheduler/`` and optionally ``vae/``) and load it back through the same ``from_pretrained``
-path a real checkpoint takes.
+Each writer saves a complete diffusers pipeline directory (``model_index.json``, the denoiser's ``unet/`` or
+``transformer/``, text encoders and tokenizers, ``scheduler/`` and optionally ``vae/``) that loads through the
+backbones' ``from_pretrained`` path. The toy world's base model is trained from these tokenizers and encoders
+(``benchmarks/train_toy_base.py``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 from diffusers import (
@@ -34,9 +35,11 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 TINY_WORDS = ("a", "an", "photo", "of", "red", "blue", "green", "cat", "dog", "circle", "square", "on")
+PROMPT_TOKENS = 16  # the tokenizers' model_max_length, and the CLIP encoders' positions
+SAMPLE_SIZE = 8  # the denoisers' latent (or, in pixel space, pixel) height and width
 
 
-def build_clip_tokenizer(words: Iterable[str], model_max_length: int = 16) -> CLIPTokenizer:
+def build_clip_tokenizer(words: Iterable[str]) -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose vocabulary holds every byte plus each of ``words`` as one token.
 
     Unknown words still tokenize (byte by byte), so any prompt is valid input.
@@ -55,13 +58,11 @@ def build_clip_tokenizer(words: Iterable[str], model_max_length: int = 16) -> CL
     vocab: dict[str, int] = {}
     for token in tokens:
         vocab.setdefault(token, len(vocab))
-    return CLIPTokenizer(
-        vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=model_max_length
-    )
+    return CLIPTokenizer(vocab=vocab, merges=list(dict.fromkeys(merges)), model_max_length=PROMPT_TOKENS)
 
 
 def tiny_text_encoder(
-    vocab_size: int, hidden_size: int = 32, max_positions: int = 16, projection_dim: int | None = None
+    vocab_size: int, hidden_size: int = 32, projection_dim: int | None = None
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
     config = CLIPTextConfig(
         vocab_size=vocab_size,
@@ -69,7 +70,7 @@ def tiny_text_encoder(
         intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
-        max_position_embeddings=max_positions,
+        max_position_embeddings=PROMPT_TOKENS,
         projection_dim=projection_dim or hidden_size,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
@@ -80,7 +81,7 @@ def tiny_text_encoder(
     return CLIPTextModelWithProjection(config)
 
 
-def build_t5_tokenizer(words: Iterable[str], model_max_length: int = 16) -> T5Tokenizer:
+def build_t5_tokenizer(words: Iterable[str]) -> T5Tokenizer:
     """A unigram (SentencePiece-style) T5 tokenizer: each of ``words`` one piece, plus single letters.
 
     Words outside ``words`` still tokenize (letter by letter; other characters map to ``<unk>``).
@@ -88,7 +89,7 @@ def build_t5_tokenizer(words: Iterable[str], model_max_length: int = 16) -> T5To
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     pieces += [("\u2581" + word.lower(), -1.0) for word in dict.fromkeys(words)]
     pieces += [(char, -5.0) for char in "abcdefghijklmnopqrstuvwxyz0123456789\u2581"]
-    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=PROMPT_TOKENS)
 
 
 def tiny_t5_encoder(vocab_size: int, hidden_size: int = 32, umt5: bool = False) -> T5EncoderModel | UMT5EncoderModel:
@@ -139,11 +140,9 @@ def write_tiny_sd_pipeline(
     *,
     variant: Literal["sd", "sdxl"] = "sd",
     pixel_space: bool = False,
-    sample_size: int = 8,
+    sample_size: int = SAMPLE_SIZE,
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon",
     block_out_channels: tuple[int, ...] = (32, 64),
-    words: Iterable[str] = TINY_WORDS,
-    seed: int = 0,
 ) -> Path:
     """Write a complete tiny SD1.5- or SDXL-style pipeline directory and return its path.
 
@@ -151,8 +150,8 @@ def write_tiny_sd_pipeline(
     With a VAE, images are ``2 * sample_size`` pixels (one down-sampling block).
     """
     path = Path(path)
-    torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(words)
+    torch.manual_seed(0)
+    tokenizer = build_clip_tokenizer(TINY_WORDS)
     vocab_size = len(tokenizer)
     components: dict[str, list[str | None]] = {
         "scheduler": ["diffusers", "DDPMScheduler"],
@@ -211,26 +210,19 @@ def write_tiny_sd_pipeline(
     return path
 
 
-def write_tiny_sd3_pipeline(
-    path: str | Path,
-    *,
-    with_t5: bool = True,
-    sample_size: int = 8,
-    seed: int = 0,
-    words: Iterable[str] = TINY_WORDS,
-) -> Path:
+def write_tiny_sd3_pipeline(path: str | Path, *, with_t5: bool = True) -> Path:
     """Write a complete tiny SD3.5-style pipeline directory and return its path.
 
     The parts of SD3 (Esser et al. 2024) at toy widths: CLIP-L and CLIP-G text encoders with projections
     (widths 16 and 32 for 768 and 1280), T5 (width 64 for 4096, wider than both CLIPs together, as in SD3;
     ``text_encoder_3: [null, null]`` when ``with_t5`` is false), a two-block MMDiT whose first block has
     SD3.5's second attention and RMS q/k-norm, a 16-channel VAE with SD3's ``shift_factor`` and
-    ``scaling_factor``, and a ``FlowMatchEulerDiscreteScheduler`` with shift 3. Images are ``2 * sample_size``
-    pixels.
+    ``scaling_factor``, and a ``FlowMatchEulerDiscreteScheduler`` with shift 3. Latents are ``SAMPLE_SIZE`` (8)
+    square, images twice that.
     """
     path = Path(path)
-    torch.manual_seed(seed)
-    clip_tokenizer = build_clip_tokenizer(words)
+    torch.manual_seed(0)
+    clip_tokenizer = build_clip_tokenizer(TINY_WORDS)
     clip_widths = (16, 32)
     t5_width = 64
     components: dict[str, list[str | None]] = {}
@@ -241,14 +233,14 @@ def write_tiny_sd3_pipeline(
         components[f"text_encoder{suffix}"] = ["transformers", "CLIPTextModelWithProjection"]
     components["tokenizer_3"] = components["text_encoder_3"] = [None, None]
     if with_t5:
-        t5_tokenizer = build_t5_tokenizer(words)
+        t5_tokenizer = build_t5_tokenizer(TINY_WORDS)
         t5_tokenizer.save_pretrained(path / "tokenizer_3")
         tiny_t5_encoder(len(t5_tokenizer), t5_width).save_pretrained(path / "text_encoder_3")
         components["tokenizer_3"] = ["transformers", "T5Tokenizer"]
         components["text_encoder_3"] = ["transformers", "T5EncoderModel"]
     latent_channels, heads, head_width = 16, 2, 8
     SD3Transformer2DModel(
-        sample_size=sample_size,
+        sample_size=SAMPLE_SIZE,
         patch_size=2,
         in_channels=latent_channels,
         out_channels=latent_channels,
@@ -258,13 +250,13 @@ def write_tiny_sd3_pipeline(
         joint_attention_dim=t5_width,
         caption_projection_dim=heads * head_width,
         pooled_projection_dim=sum(clip_widths),
-        pos_embed_max_size=sample_size,
+        pos_embed_max_size=SAMPLE_SIZE,
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
     ).save_pretrained(path / "transformer")
     write_tiny_vae(
         path / "vae",
-        sample_size,
+        SAMPLE_SIZE,
         latent_channels=latent_channels,
         shift_factor=0.0609,
         scaling_factor=1.5305,
