@@ -1,5 +1,6 @@
 # The README's two commands. Both create .venv when it is missing and install the pinned set first.
 PYTHON ?= python3
+SEED ?= 0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -13,9 +14,9 @@ $(STAMP): setup.py constraints.txt
 
 install: $(STAMP)
 
-## Diffusion-DPO on the toy model and toy preference data, on CPU, in a few minutes.
+## Diffusion-DPO on the toy model and toy preference data, on CPU, in a few minutes (`make quickstart SEED=1`: another seed).
 quickstart: $(STAMP)
-	$(BIN)/python -m lightning_pref.quickstart
+	$(BIN)/python -m lightning_pref.quickstart --seed $(SEED)
 
 ## The test suite, then the docs site built strictly.
 test: $(STAMP)

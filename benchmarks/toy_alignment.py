@@ -1,38 +1,42 @@
-"""Does a method actually align a model? Fine-tune the toy base model and measure the reward it gains.
+"""Does a method align a model, and does it beat Diffusion-DPO? Fine-tune the toy base model and measure.
 
 For each training seed the method trains through the same CLI and config a user would run
-(``examples/toy/<method>.yaml``), on toy preference data sampled from the base model and labelled by
-``ToyPreferenceReward`` (warm colours, right shape). Then base and tuned model sample the held-out prompts
-from identical initial noise, and the script reports:
+(``examples/toy/<method>.yaml``) on toy preference data sampled from the base model and labelled by
+``ToyPreferenceReward`` (warm colours, right shape). Then (:mod:`lightning_pref.toy.evaluation`):
 
-* the mean reward of base and tuned samples, and of its two parts (warmth, shape agreement);
-* the win rate of tuned over base (same prompt, same noise; ties count one half);
-* the mean win rate over training seeds with a 95% t-interval over seeds.
+* base and tuned model sample the held-out prompts from identical initial noise: the win rate of tuned over
+  base, the mean reward and its two parts (warmth, shape agreement);
+* the drift: tuned over base denoising error on held-out preference pairs, winners and losers; a run whose
+  winners' error rose by more than 25% is flagged as collapsed.
 
-    python benchmarks/toy_alignment.py --method diffusion_dpo            # one method, 3 seeds
+Each row: the mean over training seeds with a 95% t-interval, and the paired difference from Diffusion-DPO's
+win rate on the same seeds with its own 95% t-interval. Seeds train in parallel, one thread each (``--jobs``).
+Every summary records the commit and a hash of the library's code, the benchmark and the method's config;
+the table refuses to mix rows whose code differs.
+
+    python benchmarks/toy_alignment.py --method diffusion_dpo            # one method, 5 seeds
     python benchmarks/toy_alignment.py --all                             # every method; writes docs/benchmarks.md
     python benchmarks/toy_alignment.py --table                           # the table from saved summaries
-    python benchmarks/toy_alignment.py --method diffusion_dpo --seeds 0 --eval-seeds 8 --max-steps 5   # smoke run
+    python benchmarks/toy_alignment.py --method diffusion_dpo --name pilot --set model.init_args.lr 3e-5
+    python benchmarks/toy_alignment.py --method diffusion_dpo --seeds 0 1 --eval-seeds 2 --pairs 16 --heldout-pairs 8 --max-steps 2   # smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
-
-from lightning_pref.cli import PreferenceCLI, quiet_libraries
-from lightning_pref.rewards import ShapeAgreementReward, WarmthReward
-from lightning_pref.toy.preferences import HELDOUT_PROMPTS, ToyPreferenceReward, generate_toy_preferences, sample_images
-
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "examples" / "toy"
+BASELINE = "diffusion_dpo"
 TABLE_START, TABLE_END = "<!-- toy-alignment:start -->", "<!-- toy-alignment:end -->"
 # Two-sided 95% Student t quantiles by degrees of freedom.
 T_QUANTILE = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -42,22 +46,82 @@ def methods() -> list[str]:
     return sorted(path.stem for path in CONFIGS.glob("*.yaml"))
 
 
-def toy_data(out_root: Path, pairs: int, pretrained: str | None) -> Path:
-    """Preference shards shared by every method and seed (generated once, then reused)."""
-    data = out_root / f"data-{pairs}"
-    if not (data / "info.json").exists():
-        info = generate_toy_preferences(data, pairs, pipeline=pretrained, seed=0)
-        print(f"toy data: {info['counts']}")
-    return data
+def code_hash() -> str:
+    """SHA-256 (first 12 hex digits) of the library's sources and weights and of this script."""
+    files = sorted(p for p in (REPO / "lightning_pref").rglob("*") if p.suffix in (".py", ".json", ".safetensors"))
+    digest = hashlib.sha256()
+    for path in [*files, Path(__file__).resolve()]:
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
-def train(method: str, seed: int, data: Path, run_dir: Path, args: argparse.Namespace) -> tuple[torch.nn.Module, float]:
+def commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lightning_pref", "benchmarks", "examples"],
+                               cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+uncommitted" if dirty else "")
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and the bounds of its two-sided 95% t-interval (NaN bounds for fewer than two values)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = T_QUANTILE.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+# ------------------------------------------------------------------------------------------ shared inputs
+def shared_inputs(args: argparse.Namespace) -> dict[str, Path]:
+    """Training pairs, held-out pairs and the base model's held-out samples: made once, reused by every run."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lightning_pref.toy.evaluation import heldout_samples
+    from lightning_pref.toy.preferences import HELDOUT_PROMPTS, generate_toy_preferences, sample_images
+
+    paths = {"train": args.out / f"data-{args.pairs}", "heldout": args.out / f"heldout-{args.heldout_pairs}",
+             "base_samples": args.out / f"base-samples-{args.eval_seeds}.safetensors"}
+    if not (paths["train"] / "info.json").exists():
+        info = generate_toy_preferences(paths["train"], args.pairs, pipeline=args.pretrained, seed=0, progress=True)
+        print(f"training pairs: {info['counts']}", flush=True)
+    if not (paths["heldout"] / "info.json").exists():
+        info = generate_toy_preferences(paths["heldout"], args.heldout_pairs, pipeline=args.pretrained,
+                                        prompts=HELDOUT_PROMPTS, seed=1, progress=True)
+        print(f"held-out pairs: {info['counts']}", flush=True)
+    if not paths["base_samples"].exists():
+        from lightning_pref.backbones import StableDiffusionBackbone
+        from lightning_pref.toy import BASE_MODEL_PATH
+
+        base = StableDiffusionBackbone(str(args.pretrained or BASE_MODEL_PATH)).eval()
+        prompts, seeds = heldout_samples(args.eval_seeds)
+        with torch.no_grad():
+            save_file({"images": sample_images(base, prompts, seeds, progress="base samples")}, paths["base_samples"])
+    return paths
+
+
+# ------------------------------------------------------------------------------------ one seed (worker)
+def train_and_evaluate(args: argparse.Namespace, seed: int) -> dict:
+    """Train one seed through the CLI and evaluate it (runs in a worker process)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lightning_pref.cli import PreferenceCLI, quiet_libraries
+    from lightning_pref.toy.evaluation import evaluate_against_base
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+    quiet_libraries()
+    paths = shared_inputs(args)
+    run_dir = args.out / args.name / f"seed{seed}"
     cli_args = [
-        "--config", str(CONFIGS / f"{method}.yaml"),
+        "--config", str(CONFIGS / f"{args.method}.yaml"),
         "--seed_everything", str(seed),
         "--model.init_args.seed", str(seed),
         "--data.init_args.seed", str(seed),
-        "--data.init_args.train_shards", f"{data}/*.tar",
+        "--data.init_args.train_shards", f"{paths['train']}/*.tar",
         "--trainer.default_root_dir", str(run_dir),
         "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
         "--trainer.logger.save_dir", str(run_dir),
@@ -68,77 +132,114 @@ def train(method: str, seed: int, data: Path, run_dir: Path, args: argparse.Name
         cli_args += ["--trainer.max_steps", str(args.max_steps)]
     if args.pretrained is not None:
         cli_args += ["--model.init_args.backbone.init_args.pretrained", args.pretrained]
+    for key, value in args.set:
+        cli_args += [f"--{key}", value]
     start = time.perf_counter()
-    cli = PreferenceCLI(args=["fit", *cli_args])
-    return cli.model, time.perf_counter() - start
-
-
-@torch.no_grad()
-def evaluate(module, eval_seeds: int) -> dict:
-    """Base vs tuned on the held-out prompts, from identical initial noise.
-
-    The base is loaded afresh from the pipeline the run started from: reference-free methods (MaPO) keep no
-    copy of it, and a method whose reference moves must not be compared with its own reference.
-    """
+    module = PreferenceCLI(args=["fit", *cli_args]).model
+    trained = time.perf_counter()
     module.eval()
-    prompts = [prompt for prompt in HELDOUT_PROMPTS for _ in range(eval_seeds)]
-    seeds = [10_000 + i for _ in HELDOUT_PROMPTS for i in range(eval_seeds)]
-    tuned = sample_images(module.backbone, prompts, seeds)
-    base = sample_images(type(module.backbone)(module.backbone.pretrained), prompts, seeds)
-    reward = ToyPreferenceReward("warm")
-    tuned_reward, base_reward = reward.score(tuned, prompts), reward.score(base, prompts)
-    wins = (tuned_reward > base_reward).float() + 0.5 * (tuned_reward == base_reward).float()
-    parts = {}
-    for part in (WarmthReward(), ShapeAgreementReward()):
-        parts[f"base_{part.name}"] = part.score(base, prompts).mean().item()
-        parts[f"tuned_{part.name}"] = part.score(tuned, prompts).mean().item()
-    return {"base_reward": base_reward.mean().item(), "tuned_reward": tuned_reward.mean().item(), "win_rate": wins.mean().item(), **parts}
+    result = evaluate_against_base(module.backbone, load_file(paths["base_samples"])["images"], args.eval_seeds, paths["heldout"])
+    return {"seed": seed, **result, "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained}
 
 
-def interval(values: list[float]) -> tuple[float, float, float]:
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    half = T_QUANTILE.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
+def worker_command(args: argparse.Namespace, seed: int) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker-seed", str(seed), "--method", args.method,
+               "--name", args.name, "--eval-seeds", str(args.eval_seeds), "--pairs", str(args.pairs), "--heldout-pairs", str(args.heldout_pairs), "--out", str(args.out)]
+    if args.max_steps is not None:
+        command += ["--max-steps", str(args.max_steps)]
+    if args.pretrained is not None:
+        command += ["--pretrained", args.pretrained]
+    for key, value in args.set:
+        command += ["--set", key, value]
+    return command
 
 
-def run_method(method: str, args: argparse.Namespace) -> dict:
-    data = toy_data(args.out, args.pairs, args.pretrained)
+def run_method(args: argparse.Namespace) -> dict:
+    """Every seed of one method, ``--jobs`` at a time, each in its own process; saves the summary."""
+    start = time.perf_counter()
+    shared_inputs(args)
+    row_dir = args.out / args.name
+    row_dir.mkdir(parents=True, exist_ok=True)
     runs = []
-    for seed in args.seeds:
-        module, seconds = train(method, seed, data, args.out / method / f"seed{seed}", args)
-        result = evaluate(module, args.eval_seeds)
-        result.update(seed=seed, train_seconds=seconds)
-        print(json.dumps(result))
-        runs.append(result)
-    mean, low, high = interval([run["win_rate"] for run in runs])
+    for first in range(0, len(args.seeds), args.jobs):  # rounds of `jobs` seeds; a smaller last round gets every core
+        group = args.seeds[first : first + args.jobs]
+        threads = str(args.jobs // len(group))
+        launched = []
+        for seed in group:
+            log = (row_dir / f"seed{seed}.log").open("w")
+            process = subprocess.Popen(worker_command(args, seed), env={**os.environ, "OMP_NUM_THREADS": threads},
+                                       stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            launched.append((seed, process, log))
+        for seed, process, log in launched:
+            process.wait()
+            log.close()
+            if process.returncode != 0:
+                tail = (row_dir / f"seed{seed}.log").read_text()[-3000:]
+                raise RuntimeError(f"{args.name} seed {seed} failed (exit {process.returncode}):\n{tail}")
+            run = json.loads((row_dir / f"seed{seed}.json").read_text())
+            print(json.dumps(run), flush=True)
+            runs.append(run)
+    runs.sort(key=lambda run: run["seed"])
+    config = CONFIGS / f"{args.method}.yaml"
     summary = {
-        "method": method,
-        "runs": runs,
-        "win_rate": mean,
-        "win_rate_ci": [low, high],
-        **{key: statistics.fmean(run[key] for run in runs) for key in runs[0] if key not in ("seed", "win_rate")},
+        "method": args.method, "name": args.name, "commit": commit(), "code": code_hash(),
+        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest()[:12], "overrides": args.set,
+        "settings": {"pairs": args.pairs, "heldout_pairs": args.heldout_pairs, "eval_seeds_per_prompt": args.eval_seeds, "max_steps": args.max_steps,
+                     "jobs": args.jobs, "pretrained": args.pretrained},
+        "wall_seconds": time.perf_counter() - start, "runs": runs,
     }
-    (args.out / method).mkdir(parents=True, exist_ok=True)
-    (args.out / method / "summary.json").write_text(json.dumps(summary, indent=2))
+    (row_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
+# ------------------------------------------------------------------------------------------------ table
+def row_statistics(summary: dict, baseline: dict | None) -> dict:
+    runs = summary["runs"]
+    stats = {key: statistics.fmean(run[key] for run in runs) for key in runs[0] if key not in ("seed", "collapsed")}
+    stats["win_rate_ci"] = interval([run["win_rate"] for run in runs])
+    stats["collapsed"] = sum(run["collapsed"] for run in runs)
+    stats["seeds"] = len(runs)
+    stats["vs_baseline"] = None
+    if baseline is not None and summary is not baseline:
+        theirs = {run["seed"]: run["win_rate"] for run in baseline["runs"]}
+        shared = [run for run in runs if run["seed"] in theirs]
+        if len(shared) >= 2:
+            stats["vs_baseline"] = interval([run["win_rate"] - theirs[run["seed"]] for run in shared])
+    return stats
+
+
+def percent_interval(values: tuple[float, float, float], signed: bool = False) -> str:
+    mean, low, high = (100 * value for value in values)
+    sign = "+" if signed else ""
+    return f"{mean:{sign}.1f} [{low:{sign}.1f}, {high:{sign}.1f}]"
+
+
 def table(summaries: list[dict], command: str) -> str:
+    codes = {summary["code"] for summary in summaries}
+    if len(codes) > 1:
+        rows = ", ".join(f"{s['name']}: {s['code']} ({s['commit']})" for s in summaries)
+        raise SystemExit(f"the saved rows come from different code ({rows}): rerun the stale rows with --method NAME.")
+    baseline = next((s for s in summaries if s["name"] == BASELINE), None)
+    first = summaries[0]
     lines = [
-        f"Command: `{command}`",
+        f"Command: `{command}` (code {first['code']}, commit {first['commit']}; {first['settings']['pairs']} candidate "
+        f"pairs; {4 * first['settings']['eval_seeds_per_prompt']} held-out samples per seed)",
         "",
-        "| method | win rate vs base (95% CI over seeds) | reward base -> tuned | warmth base -> tuned | shape agreement base -> tuned | train s / seed |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | seeds | win rate vs base, % (95% CI) | vs Diffusion-DPO, points (95% CI) | reward base -> tuned "
+        "| warmth | shape agreement | held-out error change, winners / losers | collapsed | s / row |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for s in summaries:
-        low, high = s["win_rate_ci"]
+    for summary in summaries:
+        stats = row_statistics(summary, baseline)
+        versus = "(baseline)" if summary is baseline else (
+            percent_interval(stats["vs_baseline"], signed=True) if stats["vs_baseline"] else "n/a")
         lines.append(
-            f"| {s['method']} | {100 * s['win_rate']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] "
-            f"| {s['base_reward']:.3f} -> {s['tuned_reward']:.3f} "
-            f"| {s['base_warmth']:.3f} -> {s['tuned_warmth']:.3f} "
-            f"| {s['base_shape_agreement']:.3f} -> {s['tuned_shape_agreement']:.3f} | {s['train_seconds']:.0f} |"
+            f"| {summary['name']} | {stats['seeds']} | {percent_interval(stats['win_rate_ci'])} | {versus} "
+            f"| {stats['base_reward']:.3f} -> {stats['tuned_reward']:.3f} "
+            f"| {stats['base_warmth']:.2f} -> {stats['tuned_warmth']:.2f} "
+            f"| {stats['base_shape_agreement']:.2f} -> {stats['tuned_shape_agreement']:.2f} "
+            f"| {100 * stats['winner_error_change']:+.1f}% / {100 * stats['loser_error_change']:+.1f}% "
+            f"| {stats['collapsed']} of {stats['seeds']} | {summary['wall_seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -153,20 +254,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=methods(), help="a config in examples/toy/")
     parser.add_argument("--all", action="store_true", help="every method, then rewrite the table in docs/benchmarks.md")
-    parser.add_argument(
-        "--table", action="store_true", help="rewrite the table in docs/benchmarks.md from the summaries earlier runs saved"
-    )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--table", action="store_true", help="rewrite the table in docs/benchmarks.md from saved summaries")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
+    parser.add_argument("--jobs", type=int, default=2, help="seeds trained at once, one core each (the machine's cores)")
     parser.add_argument("--eval-seeds", type=int, default=64, help="initial-noise seeds per held-out prompt")
     parser.add_argument("--pairs", type=int, default=1024, help="candidate pairs of toy preference data")
+    parser.add_argument("--heldout-pairs", type=int, default=128, help="candidate pairs on held-out prompts (drift)")
     parser.add_argument("--max-steps", type=int, default=None, help="override the config's step budget")
     parser.add_argument("--pretrained", default=None, help="another base pipeline (default: the committed toy model)")
+    parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                        help="a CLI override for a pilot (e.g. model.init_args.lr 3e-5); use with --name")
+    parser.add_argument("--name", default=None, help="where the summary goes (default: the method's name)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "toy_alignment")
+    parser.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md", help="the page whose table --all/--table rewrite")
+    parser.add_argument("--worker-seed", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.out = args.out.resolve()
+    args.name = args.name or args.method
+    if args.set and args.name == args.method:
+        parser.error("--set changes the method's config: give the pilot its own --name")
+    if args.worker_seed is not None:
+        result = train_and_evaluate(args, args.worker_seed)
+        (args.out / args.name / f"seed{args.worker_seed}.json").write_text(json.dumps(result))
+        return
     if not (args.method or args.all or args.table):
         parser.error("give --method NAME, --all or --table")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
-    quiet_libraries()
     if args.table:
         saved = [args.out / method / "summary.json" for method in methods()]
         missing = [str(path) for path in saved if not path.exists()]
@@ -174,12 +286,19 @@ def main() -> None:
             parser.error(f"no saved summary for {', '.join(missing)}: run --method NAME for each first")
         summaries = [json.loads(path.read_text()) for path in saved]
     else:
-        summaries = [run_method(method, args) for method in (methods() if args.all else [args.method])]
-    command = "--all" if args.all or args.table else f"--method {args.method}"
-    markdown = table(summaries, f"python benchmarks/toy_alignment.py {command}")
+        summaries = []
+        for method in methods() if args.all else [args.method]:
+            args.method, args.name = method, (args.name if not args.all else method)
+            summaries.append(run_method(args))
+    if args.table or args.all:
+        markdown = table(summaries, "python benchmarks/toy_alignment.py --all")
+        write_table(markdown, args.docs)
+    else:
+        baseline_path = args.out / BASELINE / "summary.json"
+        baseline = [json.loads(baseline_path.read_text())] if baseline_path.exists() and args.name != BASELINE else []
+        same_code = [s for s in baseline if s["code"] == summaries[0]["code"]]
+        markdown = table(same_code + summaries, f"python benchmarks/toy_alignment.py --method {args.method}")
     print(markdown)
-    if args.all or args.table:
-        write_table(markdown, REPO / "docs" / "benchmarks.md")
 
 
 if __name__ == "__main__":

@@ -1,45 +1,67 @@
-"""``make quickstart``: Diffusion-DPO on the toy world, on CPU, in a few minutes.
+"""``make quickstart``: Diffusion-DPO on the toy world, on CPU, in a few minutes, and whether it aligned.
 
-1. Samples preference pairs from the toy base model and labels them with the toy reward (once; reused).
-2. Runs ``lightning-pref fit --config examples/quickstart.yaml``.
-3. Prints where the checkpoint, the metrics and the before/after samples are, and the reward gained.
+1. Samples preference pairs from the toy base model and labels them with the toy reward (once; reused), and
+   a few pairs on the held-out prompts for the drift check.
+2. Runs ``lightning-pref fit --config examples/quickstart.yaml`` (checkpoint, metrics, before/after grid).
+3. Compares the tuned model with the base on held-out prompts from identical noise
+   ([`lightning_pref.toy.evaluation`][lightning_pref.toy.evaluation]) and says in one line whether the run aligned: the win rate, the
+   reward before -> after, and how far the winners' error drifted.
+
+    python -m lightning_pref.quickstart [--seed 1]      # or: make quickstart SEED=1
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
-from lightning_pref.cli import main as cli_main
+from lightning_pref.cli import PreferenceCLI, quiet_libraries
 
 OUTPUT = Path("outputs/quickstart")
 CONFIG = Path("examples/quickstart.yaml")
-PAIRS = 512
+PAIRS = 512  # candidate pairs of training data (near-ties are dropped)
+HELDOUT_PAIRS = 64  # candidate pairs on the held-out prompts, for the drift check
+EVAL_SEEDS = 32  # initial-noise seeds per held-out prompt: 128 samples
 
 
-def main() -> None:
+def prepare_data(out: Path) -> None:
+    from lightning_pref.toy.preferences import HELDOUT_PROMPTS, generate_toy_preferences
+
+    for name, pairs, prompts, seed in (("data", PAIRS, None, 0), ("heldout", HELDOUT_PAIRS, HELDOUT_PROMPTS, 1)):
+        if not (out / name / "info.json").exists():
+            print(f"Sampling {pairs} candidate pairs from the toy base model into {out / name} ...", flush=True)
+            options = {"prompts": prompts} if prompts else {}
+            counts = generate_toy_preferences(out / name, pairs, seed=seed, progress=True, **options)["counts"]
+            print(f"  {counts['written']} pairs written, {counts['ties_dropped']} near-ties dropped", flush=True)
+
+
+def main(args: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (noise, data order); the data stay the same")
+    options = parser.parse_args(args)
     if not CONFIG.exists():
         sys.exit(f"{CONFIG} not found: run the quickstart from the repository root (`make quickstart`).")
-    data = OUTPUT / "data"
-    if not (data / "info.json").exists():
-        from lightning_pref.toy.preferences import generate_toy_preferences
+    quiet_libraries()
+    prepare_data(OUTPUT)
+    seed = str(options.seed)
+    module = PreferenceCLI(args=["fit", "--config", str(CONFIG), "--seed_everything", seed, "--model.init_args.seed", seed,
+                                 "--data.init_args.seed", seed]).model
 
-        print(f"Sampling {PAIRS} candidate pairs from the toy base model into {data} ...", flush=True)
-        counts = generate_toy_preferences(data, PAIRS)["counts"]
-        print(f"  {counts['written']} pairs written, {counts['ties_dropped']} near-ties dropped", flush=True)
-    cli_main(["fit", "--config", str(CONFIG)])
+    from lightning_pref.toy.evaluation import evaluate_against_base, verdict
 
-    rewards = json.loads((OUTPUT / "samples" / "rewards.json").read_text())
+    print("\nComparing the tuned model with the base on the held-out prompts ...", flush=True)
+    result = evaluate_against_base(module.eval().backbone, None, EVAL_SEEDS, OUTPUT / "heldout", progress=True)
+    result["seed"] = options.seed
+    (OUTPUT / "alignment.json").write_text(json.dumps(result, indent=2))
     metrics = sorted(OUTPUT.glob("lightning_logs/version_*/metrics.csv"))[-1]
     print()
-    print(f"checkpoint:      {OUTPUT / 'checkpoints' / 'last.ckpt'}")
-    print(f"metrics:         {metrics}")
-    print(f"samples:         {OUTPUT / 'samples' / 'before_after.png'} (top: before, bottom: after)")
-    print(
-        f"reward ({rewards['reward']}): {rewards['mean_before']:.3f} before -> {rewards['mean_after']:.3f} after; "
-        f"tuned beats base on {100 * rewards['win_rate']:.0f}% of the held-out samples"
-    )
+    print(f"checkpoint:  {OUTPUT / 'checkpoints' / 'last.ckpt'}")
+    print(f"metrics:     {metrics}")
+    print(f"samples:     {OUTPUT / 'samples' / 'before_after.png'} (top: before, bottom: after)")
+    print(f"alignment:   {OUTPUT / 'alignment.json'} ({4 * EVAL_SEEDS} held-out samples)")
+    print(verdict(result))
 
 
 if __name__ == "__main__":

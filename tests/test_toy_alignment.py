@@ -1,4 +1,4 @@
-"""The toy alignment benchmark end to end on a small budget: data, CLI fit, sampling, scoring, table."""
+"""The toy alignment benchmark end to end on a small budget: data, CLI fits in parallel, evaluation, table."""
 
 import json
 import subprocess
@@ -6,20 +6,37 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "toy_alignment.py"
+TINY = ["--seeds", "0", "1", "--eval-seeds", "2", "--pairs", "16", "--heldout-pairs", "8", "--max-steps", "2"]
 
 
-def test_benchmark_runs_end_to_end(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable, str(REPO / "benchmarks" / "toy_alignment.py"), "--method", "diffusion_dpo",
-            "--seeds", "0", "--eval-seeds", "2", "--pairs", "16", "--max-steps", "2", "--out", str(tmp_path),
-        ],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "diffusion_dpo" / "summary.json").read_text())
-    run = summary["runs"][0]
-    assert 0.0 <= run["win_rate"] <= 1.0
-    assert 0.0 <= run["base_warmth"] <= 1.0 and 0.0 <= run["base_shape_agreement"] <= 1.0
-    assert json.loads((tmp_path / "data-16" / "info.json").read_text())["counts"]["candidates"] == 16
-    assert "| diffusion_dpo |" in result.stdout
+def run(args, tmp_path):
+    return subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_rows_record_their_code_drift_and_difference_from_diffusion_dpo_and_never_mix_code(tmp_path):
+    for method in ("diffusion_dpo", "kto"):
+        result = run(["--method", method, *TINY], tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    dpo, kto = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("diffusion_dpo", "kto"))
+    assert dpo["code"] == kto["code"] and len(dpo["code"]) == 12 and dpo["commit"]
+    for run_ in dpo["runs"] + kto["runs"]:
+        assert 0.0 <= run_["win_rate"] <= 1.0 and run_["samples"] == 8
+        assert {"winner_error_change", "loser_error_change"} <= run_.keys() and isinstance(run_["collapsed"], bool)
+    assert [run_["seed"] for run_ in kto["runs"]] == [0, 1]
+    table = result.stdout[result.stdout.index("| method |"):]
+    assert "| diffusion_dpo | 2 |" in table and "(baseline)" in table
+    kto_row = next(line for line in table.splitlines() if line.startswith("| kto |"))
+    assert kto_row.split(" | ")[3].startswith(("+", "-"))  # a paired difference with its interval
+
+    # The table refuses rows of different code: every method's summary present, one from other code.
+    for path in (REPO / "examples" / "toy").glob("*.yaml"):
+        summary = dict(kto, method=path.stem, name=path.stem)
+        (tmp_path / path.stem).mkdir(exist_ok=True)
+        (tmp_path / path.stem / "summary.json").write_text(json.dumps(summary if path.stem != "mapo" else {**summary, "code": "0" * 12}))
+    page = tmp_path / "benchmarks.md"
+    page.write_text("<!-- toy-alignment:start -->\n<!-- toy-alignment:end -->\n")
+    refused = run(["--table", "--docs", str(page)], tmp_path)
+    assert refused.returncode != 0 and "different code" in refused.stderr + refused.stdout
+    assert page.read_text() == "<!-- toy-alignment:start -->\n<!-- toy-alignment:end -->\n"
