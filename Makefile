@@ -18,9 +18,11 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/python -m lightning_pref.quickstart --seed $(SEED)
 
-## The test suite, then the docs site built strictly.
+## Lint and format checks, the test suite with the docstring examples, then the docs site built strictly.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/ruff check lightning_pref tests benchmarks examples
+	$(BIN)/ruff format --check lightning_pref tests benchmarks examples
+	$(BIN)/python -m pytest -q tests --doctest-modules lightning_pref
 	@# no --quiet: it silences the warnings that --strict counts, and the build then always passes
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir build/site
 

@@ -7,7 +7,7 @@ EXTRAS = {
     "eval": [],
     "deepspeed": ["deepspeed"],
     "docs": ["mkdocs-material", "mkdocstrings-python"],
-    "dev": ["pytest", "pandas"],
+    "dev": ["pytest", "pandas", "ruff"],
 }
 EXTRAS["all"] = sorted({package for packages in EXTRAS.values() for package in packages})
 

@@ -54,7 +54,10 @@ def photo_like(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def write_jpeg_pairs(out_dir: Path, num_pairs: int, size: int = 512) -> None:
     rng = np.random.default_rng(0)
-    pairs = ({"winner": photo_like(rng, size), "loser": photo_like(rng, size), "caption": f"a photo {i}"} for i in range(num_pairs))
+    pairs = (
+        {"winner": photo_like(rng, size), "loser": photo_like(rng, size), "caption": f"a photo {i}"}
+        for i in range(num_pairs)
+    )
     write_preference_shards(pairs, out_dir, samples_per_shard=max(1, num_pairs // SHARDS), image_format="jpg")
 
 
@@ -66,14 +69,28 @@ def write_sd15_latents(out_dir: Path, num_pairs: int) -> None:
     for shard in range(SHARDS):
         with wds.TarWriter(str(out_dir / f"latents-{shard:06d}.tar")) as sink:
             for i in range(per_shard):
-                tensors = {name: torch.randn(shape, generator=generator).half() for name, shape in
-                           [("latents_w", (4, 64, 64)), ("latents_l", (4, 64, 64)), ("encoder_hidden_states", (77, 768))]}
-                sink.write({"__key__": f"{shard}-{i:06d}", "json": {"caption": "a photo"}, "latents.safetensors": save_safetensors(tensors)})
+                tensors = {
+                    name: torch.randn(shape, generator=generator).half()
+                    for name, shape in [
+                        ("latents_w", (4, 64, 64)),
+                        ("latents_l", (4, 64, 64)),
+                        ("encoder_hidden_states", (77, 768)),
+                    ]
+                }
+                sink.write(
+                    {
+                        "__key__": f"{shard}-{i:06d}",
+                        "json": {"caption": "a photo"},
+                        "latents.safetensors": save_safetensors(tensors),
+                    }
+                )
 
 
 def loader_pairs_per_second(shards: Path, batches: int, **options) -> float:
     """Pairs/s over ``batches`` batches of 8 after the first 2 (worker start-up excluded)."""
-    data = PreferenceDataModule(str(shards), batch_size=8, num_workers=2, shuffle_buffer=64, batches_per_epoch=batches + 2, **options)
+    data = PreferenceDataModule(
+        str(shards), batch_size=8, num_workers=2, shuffle_buffer=64, batches_per_epoch=batches + 2, **options
+    )
     iterator = iter(data.train_dataloader())
     for _ in range(2):
         next(iterator)
@@ -86,9 +103,14 @@ def write_sd_shaped_model(path: Path) -> Path:
     """The tiny SD pipeline with a 4-level VAE (8x down-sampling, as SD's) and a UNet at 64x64 latents."""
     write_tiny_sd_pipeline(path, sample_size=64)
     AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=8, sample_size=512,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=8,
+        sample_size=512,
     ).save_pretrained(path / "vae")
     return path
 
@@ -115,9 +137,19 @@ def step_times(model: Path, shards: Path, steps: int) -> tuple[list[float], list
     data = PreferenceDataModule(str(shards), batch_size=STEP_BATCH, num_workers=0, batches_per_epoch=steps)
     batches = list(data.train_dataloader())
     timer = StepTimer()
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
-    trainer.fit(DiffusionDPO(StableDiffusionBackbone(str(model)), lr=1e-4), torch.utils.data.DataLoader(batches, batch_size=None))
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    trainer.fit(
+        DiffusionDPO(StableDiffusionBackbone(str(model)), lr=1e-4),
+        torch.utils.data.DataLoader(batches, batch_size=None),
+    )
     return timer.wall[1:], timer.cpu[1:]
 
 
@@ -142,7 +174,9 @@ def main() -> None:
         torch.set_num_threads(1)
         write_jpeg_pairs(tmp / "step_jpeg", STEP_BATCH * args.steps)
         model = write_sd_shaped_model(tmp / "model")
-        precompute_shards(StableDiffusionBackbone(str(model)).eval(), str(tmp / "step_jpeg"), tmp / "step_latents", resolution=512)
+        precompute_shards(
+            StableDiffusionBackbone(str(model)).eval(), str(tmp / "step_jpeg"), tmp / "step_latents", resolution=512
+        )
         wall, cpu = {"pixels": [], "latents": []}, {"pixels": [], "latents": []}
         for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
             for name, shards in [("pixels", tmp / "step_jpeg"), ("latents", tmp / "step_latents")]:
@@ -154,13 +188,19 @@ def main() -> None:
 
     print(f"loader, 512 px JPEG pairs, 2 workers:          {pixel_rate:8.1f} pairs/s")
     print(f"loader, precomputed SD1.5 tensors, 2 workers:  {latent_rate:8.1f} pairs/s")
-    print(f"step, encoding in the step (VAE + text):       {STEP_BATCH / pixel_wall:8.2f} pairs/s "
-          f"({pixel_wall:.2f} s wall, {pixel_cpu:.2f} CPU-s per batch of {STEP_BATCH})")
-    print(f"step, precomputed latents:                     {STEP_BATCH / latent_wall:8.2f} pairs/s "
-          f"({latent_wall:.2f} s wall, {latent_cpu:.2f} CPU-s per batch of {STEP_BATCH})")
+    print(
+        f"step, encoding in the step (VAE + text):       {STEP_BATCH / pixel_wall:8.2f} pairs/s "
+        f"({pixel_wall:.2f} s wall, {pixel_cpu:.2f} CPU-s per batch of {STEP_BATCH})"
+    )
+    print(
+        f"step, precomputed latents:                     {STEP_BATCH / latent_wall:8.2f} pairs/s "
+        f"({latent_wall:.2f} s wall, {latent_cpu:.2f} CPU-s per batch of {STEP_BATCH})"
+    )
     print(f"loader supply / step demand, pixels:           {pixel_rate * pixel_wall / STEP_BATCH:8.0f}x")
     print(f"loader supply / step demand, latents:          {latent_rate * latent_wall / STEP_BATCH:8.0f}x")
-    print(f"step-time ratio, precomputed / on-the-fly:     {latent_cpu / pixel_cpu:8.3f} (CPU time; wall: {latent_wall / pixel_wall:.3f})")
+    print(
+        f"step-time ratio, precomputed / on-the-fly:     {latent_cpu / pixel_cpu:8.3f} (CPU time; wall: {latent_wall / pixel_wall:.3f})"
+    )
 
 
 if __name__ == "__main__":

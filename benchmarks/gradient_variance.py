@@ -108,7 +108,9 @@ def main() -> None:
             (var_dpo, nsr_dpo), (var_cm, nsr_cm), (var_sdpo, nsr_sdpo) = (
                 spread(torch.stack([gradients[name] for gradients, _ in draws])) for name in ("dpo", "cm", "sdpo")
             )
-            weight = sum((m["importance_weight_w"] + m["importance_weight_l"]).item() / 2 for _, m in draws) / args.draws
+            weight = (
+                sum((m["importance_weight_w"] + m["importance_weight_l"]).item() / 2 for _, m in draws) / args.draws
+            )
             masked = sum(m["masked_fraction"].item() for _, m in draws) / args.draws
             print(
                 f"| {low:.1f}-{high:.1f} | {weight:.3f} | {masked:.0%} "

@@ -44,7 +44,10 @@ COMMAND = "python benchmarks/memory_plan.py"
 def grid_table() -> str:
     plans = [
         plan_memory(model, PRESETS[model], finetune, strategy, gpus, nodes)
-        for model in GRID_MODELS for finetune in FINETUNES for gpus, nodes in GRID_LAYOUTS for strategy in STRATEGIES
+        for model in GRID_MODELS
+        for finetune in FINETUNES
+        for gpus, nodes in GRID_LAYOUTS
+        for strategy in STRATEGIES
     ]
     return markdown_table(plans)
 
@@ -56,10 +59,13 @@ def published_table() -> str:
         "|---|---|---|---|--:|--:|--:|--:|--:|",
     ]
     for model, finetune, strategy, gpus, published in PUBLISHED:
-        sft, dpo = (plan_memory(model, PRESETS[model], finetune, strategy, gpus, 1, objective)
-                    for objective in ("sft", "dpo"))
-        lines.append(f"| {model} | {finetune} | {strategy} | {gpus} | {published} | {gib(sft.gpu)} "
-                     f"| {sft.gpu / 2**30 / published:.2f} | {gib(dpo.gpu)} | {dpo.gpu / sft.gpu:.2f} |")
+        sft, dpo = (
+            plan_memory(model, PRESETS[model], finetune, strategy, gpus, 1, objective) for objective in ("sft", "dpo")
+        )
+        lines.append(
+            f"| {model} | {finetune} | {strategy} | {gpus} | {published} | {gib(sft.gpu)} "
+            f"| {sft.gpu / 2**30 / published:.2f} | {gib(dpo.gpu)} | {dpo.gpu / sft.gpu:.2f} |"
+        )
     return "\n".join(lines)
 
 

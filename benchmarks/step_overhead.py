@@ -67,8 +67,13 @@ def lightning_step_times(pipeline: Path, batches: list[dict]) -> list[float]:
     module = DiffusionDPO(StableDiffusionBackbone(str(pipeline)), beta=5000, finetune="lora", lr=1e-4)
     timer = StepTimer()
     trainer = pl.Trainer(
-        max_steps=len(batches), accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        max_steps=len(batches),
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
     )
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     return timer.times
@@ -90,7 +95,9 @@ def plain_step_times(pipeline: Path, batches: list[dict], objective: str = "dpo"
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(step)
         with torch.no_grad():
-            latents = backbone.vae.encode(torch.cat([batch["pixels_w"], batch["pixels_l"]])).latent_dist.sample(generator)
+            latents = backbone.vae.encode(torch.cat([batch["pixels_w"], batch["pixels_l"]])).latent_dist.sample(
+                generator
+            )
             latents = latents * backbone.vae.config.scaling_factor
             hidden = backbone.text_encoder(backbone.tokenize(backbone.tokenizer, batch["prompt"]))[0].repeat(2, 1, 1)
         t = torch.randint(0, 1000, (BATCH,), generator=generator).repeat(2)
@@ -145,8 +152,12 @@ def peak_memory_child(pipeline: str, reference: str, steps: int) -> None:
     weights_mb = sum(p.numel() * p.element_size() for p in module.denoiser.parameters()) / 2**20
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak: loading transients are not training memory
     trainer = pl.Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     peak = memory_mb("VmHWM")
@@ -156,7 +167,9 @@ def peak_memory_child(pipeline: str, reference: str, steps: int) -> None:
 def measure_peak(pipeline: Path, reference: str, steps: int) -> dict:
     result = subprocess.run(
         [sys.executable, __file__, "--child", str(pipeline), reference, str(steps)],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -166,7 +179,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each timing")
     parser.add_argument("--width", type=int, default=32, help="UNet base width for the timing (32: the tiny UNet)")
-    parser.add_argument("--memory-widths", type=int, nargs="+", default=[128, 256], help="UNet base widths for the memory comparison")
+    parser.add_argument(
+        "--memory-widths", type=int, nargs="+", default=[128, 256], help="UNet base widths for the memory comparison"
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -188,7 +203,9 @@ def main() -> None:
 
         memory_rows = []
         for width in args.memory_widths:
-            model = write_tiny_sd_pipeline(Path(tmp) / f"memory{width}", block_out_channels=(width, 2 * width, 4 * width))
+            model = write_tiny_sd_pipeline(
+                Path(tmp) / f"memory{width}", block_out_channels=(width, 2 * width, 4 * width)
+            )
             lora, frozen = measure_peak(model, "adapters_disabled", 6), measure_peak(model, "frozen_copy", 6)
             memory_rows.append((width, lora["denoiser_mb"], lora["peak_mb"], frozen["peak_mb"]))
 
@@ -196,10 +213,14 @@ def main() -> None:
     print(f"step time, hand-written loop:       {1000 * plain_median:7.2f} ms (median of {len(plain_times)})")
     print(f"step time, hand-written supervised: {1000 * supervised_median:7.2f} ms (fwd+bwd on the same 2B samples)")
     print(f"ratio Lightning / plain:             {lightning_median / plain_median:.3f}   (goal <= 1.05)")
-    print(f"ratio Lightning DPO / supervised:    {lightning_median / supervised_median:.3f}   (goal <= 1.45; one extra no-grad "
-          "forward: about 4/3)")
+    print(
+        f"ratio Lightning DPO / supervised:    {lightning_median / supervised_median:.3f}   (goal <= 1.45; one extra no-grad "
+        "forward: about 4/3)"
+    )
     print()
-    print("UNet width | denoiser weights | peak, adapters-off reference | peak, frozen-copy reference | ratio (goal <= 0.6)")
+    print(
+        "UNet width | denoiser weights | peak, adapters-off reference | peak, frozen-copy reference | ratio (goal <= 0.6)"
+    )
     for width, weights, lora, frozen in memory_rows:
         print(f"{width:10d} | {weights:13.0f} MB | {lora:25.0f} MB | {frozen:24.0f} MB | {lora / frozen:.3f}")
 

@@ -57,9 +57,16 @@ def code_hash() -> str:
 
 def commit() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "lightning_pref", "benchmarks", "examples"],
-                               cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "lightning_pref", "benchmarks", "examples"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+uncommitted" if dirty else "")
@@ -83,14 +90,23 @@ def shared_inputs(args: argparse.Namespace) -> dict[str, Path]:
     from lightning_pref.toy.evaluation import heldout_samples
     from lightning_pref.toy.preferences import HELDOUT_PROMPTS, generate_toy_preferences, sample_images
 
-    paths = {"train": args.out / f"data-{args.pairs}", "heldout": args.out / f"heldout-{args.heldout_pairs}",
-             "base_samples": args.out / f"base-samples-{args.eval_seeds}.safetensors"}
+    paths = {
+        "train": args.out / f"data-{args.pairs}",
+        "heldout": args.out / f"heldout-{args.heldout_pairs}",
+        "base_samples": args.out / f"base-samples-{args.eval_seeds}.safetensors",
+    }
     if not (paths["train"] / "info.json").exists():
         info = generate_toy_preferences(paths["train"], args.pairs, pipeline=args.pretrained, seed=0, progress=True)
         print(f"training pairs: {info['counts']}", flush=True)
     if not (paths["heldout"] / "info.json").exists():
-        info = generate_toy_preferences(paths["heldout"], args.heldout_pairs, pipeline=args.pretrained,
-                                        prompts=HELDOUT_PROMPTS, seed=1, progress=True)
+        info = generate_toy_preferences(
+            paths["heldout"],
+            args.heldout_pairs,
+            pipeline=args.pretrained,
+            prompts=HELDOUT_PROMPTS,
+            seed=1,
+            progress=True,
+        )
         print(f"held-out pairs: {info['counts']}", flush=True)
     if not paths["base_samples"].exists():
         from lightning_pref.backbones import StableDiffusionBackbone
@@ -117,16 +133,26 @@ def train_and_evaluate(args: argparse.Namespace, seed: int) -> dict:
     paths = shared_inputs(args)
     run_dir = args.out / args.name / f"seed{seed}"
     cli_args = [
-        "--config", str(CONFIGS / f"{args.method}.yaml"),
-        "--seed_everything", str(seed),
-        "--model.init_args.seed", str(seed),
-        "--data.init_args.seed", str(seed),
-        "--data.init_args.train_shards", f"{paths['train']}/*.tar",
-        "--trainer.default_root_dir", str(run_dir),
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-        "--trainer.logger.save_dir", str(run_dir),
-        "--trainer.enable_checkpointing", "false",
-        "--trainer.enable_progress_bar", "false",
+        "--config",
+        str(CONFIGS / f"{args.method}.yaml"),
+        "--seed_everything",
+        str(seed),
+        "--model.init_args.seed",
+        str(seed),
+        "--data.init_args.seed",
+        str(seed),
+        "--data.init_args.train_shards",
+        f"{paths['train']}/*.tar",
+        "--trainer.default_root_dir",
+        str(run_dir),
+        "--trainer.logger",
+        "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir",
+        str(run_dir),
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
     ]
     if args.max_steps is not None:
         cli_args += ["--trainer.max_steps", str(args.max_steps)]
@@ -138,13 +164,31 @@ def train_and_evaluate(args: argparse.Namespace, seed: int) -> dict:
     module = PreferenceCLI(args=["fit", *cli_args]).model
     trained = time.perf_counter()
     module.eval()
-    result = evaluate_against_base(module.backbone, load_file(paths["base_samples"])["images"], args.eval_seeds, paths["heldout"])
+    result = evaluate_against_base(
+        module.backbone, load_file(paths["base_samples"])["images"], args.eval_seeds, paths["heldout"]
+    )
     return {"seed": seed, **result, "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained}
 
 
 def worker_command(args: argparse.Namespace, seed: int) -> list[str]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker-seed", str(seed), "--method", args.method,
-               "--name", args.name, "--eval-seeds", str(args.eval_seeds), "--pairs", str(args.pairs), "--heldout-pairs", str(args.heldout_pairs), "--out", str(args.out)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker-seed",
+        str(seed),
+        "--method",
+        args.method,
+        "--name",
+        args.name,
+        "--eval-seeds",
+        str(args.eval_seeds),
+        "--pairs",
+        str(args.pairs),
+        "--heldout-pairs",
+        str(args.heldout_pairs),
+        "--out",
+        str(args.out),
+    ]
     if args.max_steps is not None:
         command += ["--max-steps", str(args.max_steps)]
     if args.pretrained is not None:
@@ -167,8 +211,13 @@ def run_method(args: argparse.Namespace) -> dict:
         launched = []
         for seed in group:
             log = (row_dir / f"seed{seed}.log").open("w")
-            process = subprocess.Popen(worker_command(args, seed), env={**os.environ, "OMP_NUM_THREADS": threads},
-                                       stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            process = subprocess.Popen(
+                worker_command(args, seed),
+                env={**os.environ, "OMP_NUM_THREADS": threads},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
             launched.append((seed, process, log))
         for seed, process, log in launched:
             process.wait()
@@ -182,11 +231,22 @@ def run_method(args: argparse.Namespace) -> dict:
     runs.sort(key=lambda run: run["seed"])
     config = CONFIGS / f"{args.method}.yaml"
     summary = {
-        "method": args.method, "name": args.name, "commit": commit(), "code": code_hash(),
-        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest()[:12], "overrides": args.set,
-        "settings": {"pairs": args.pairs, "heldout_pairs": args.heldout_pairs, "eval_seeds_per_prompt": args.eval_seeds, "max_steps": args.max_steps,
-                     "jobs": args.jobs, "pretrained": args.pretrained},
-        "wall_seconds": time.perf_counter() - start, "runs": runs,
+        "method": args.method,
+        "name": args.name,
+        "commit": commit(),
+        "code": code_hash(),
+        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest()[:12],
+        "overrides": args.set,
+        "settings": {
+            "pairs": args.pairs,
+            "heldout_pairs": args.heldout_pairs,
+            "eval_seeds_per_prompt": args.eval_seeds,
+            "max_steps": args.max_steps,
+            "jobs": args.jobs,
+            "pretrained": args.pretrained,
+        },
+        "wall_seconds": time.perf_counter() - start,
+        "runs": runs,
     }
     (row_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -231,8 +291,11 @@ def table(summaries: list[dict], command: str) -> str:
     ]
     for summary in summaries:
         stats = row_statistics(summary, baseline)
-        versus = "(baseline)" if summary is baseline else (
-            percent_interval(stats["vs_baseline"], signed=True) if stats["vs_baseline"] else "n/a")
+        versus = (
+            "(baseline)"
+            if summary is baseline
+            else (percent_interval(stats["vs_baseline"], signed=True) if stats["vs_baseline"] else "n/a")
+        )
         lines.append(
             f"| {summary['name']} | {stats['seeds']} | {percent_interval(stats['win_rate_ci'])} | {versus} "
             f"| {stats['base_reward']:.3f} -> {stats['tuned_reward']:.3f} "
@@ -254,19 +317,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", choices=methods(), help="a config in examples/toy/")
     parser.add_argument("--all", action="store_true", help="every method, then rewrite the table in docs/benchmarks.md")
-    parser.add_argument("--table", action="store_true", help="rewrite the table in docs/benchmarks.md from saved summaries")
+    parser.add_argument(
+        "--table", action="store_true", help="rewrite the table in docs/benchmarks.md from saved summaries"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
-    parser.add_argument("--jobs", type=int, default=2, help="seeds trained at once, one core each (the machine's cores)")
+    parser.add_argument(
+        "--jobs", type=int, default=2, help="seeds trained at once, one core each (the machine's cores)"
+    )
     parser.add_argument("--eval-seeds", type=int, default=64, help="initial-noise seeds per held-out prompt")
     parser.add_argument("--pairs", type=int, default=1024, help="candidate pairs of toy preference data")
     parser.add_argument("--heldout-pairs", type=int, default=128, help="candidate pairs on held-out prompts (drift)")
     parser.add_argument("--max-steps", type=int, default=None, help="override the config's step budget")
     parser.add_argument("--pretrained", default=None, help="another base pipeline (default: the committed toy model)")
-    parser.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                        help="a CLI override for a pilot (e.g. model.init_args.lr 3e-5); use with --name")
+    parser.add_argument(
+        "--set",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("KEY", "VALUE"),
+        help="a CLI override for a pilot (e.g. model.init_args.lr 3e-5); use with --name",
+    )
     parser.add_argument("--name", default=None, help="where the summary goes (default: the method's name)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "toy_alignment")
-    parser.add_argument("--docs", type=Path, default=REPO / "docs" / "benchmarks.md", help="the page whose table --all/--table rewrite")
+    parser.add_argument(
+        "--docs", type=Path, default=REPO / "docs" / "benchmarks.md", help="the page whose table --all/--table rewrite"
+    )
     parser.add_argument("--worker-seed", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.out = args.out.resolve()

@@ -119,8 +119,10 @@ def train(args: argparse.Namespace) -> None:
     unet = build_unet()
     scheduler = build_scheduler()
     parameters = [*unet.parameters(), *text_encoder.parameters()]
-    print(f"parameters: unet {sum(p.numel() for p in unet.parameters()):,}, "
-          f"text encoder {sum(p.numel() for p in text_encoder.parameters()):,}")
+    print(
+        f"parameters: unet {sum(p.numel() for p in unet.parameters()):,}, "
+        f"text encoder {sum(p.numel() for p in text_encoder.parameters()):,}"
+    )
 
     scenes = ToySceneDataset(args.steps * args.batch_size, seed=args.seed)
     loader = torch.utils.data.DataLoader(scenes, batch_size=args.batch_size)
@@ -218,8 +220,10 @@ def evaluate(model_dir: Path, num_seeds: int) -> None:
     for shape in SHAPES:
         rows = [i for i, p in enumerate(flat_prompts) if p.split()[1] == shape]
         print(f"    {shape:9s}{shape_agreement[rows].mean():.3f}")
-    print(f"  warmth mean {warmth.mean():.3f}  std over all samples {warmth.std():.3f}  "
-          f"mean std over seeds within a prompt {warmth.std(dim=1).mean():.3f}")
+    print(
+        f"  warmth mean {warmth.mean():.3f}  std over all samples {warmth.std():.3f}  "
+        f"mean std over seeds within a prompt {warmth.std(dim=1).mean():.3f}"
+    )
     names = [*COLORS, "gray/none"]
     counts = torch.bincount(torch.where(colors < 0, len(COLORS), colors).flatten(), minlength=len(names))
     print("  colour distribution " + "  ".join(f"{n} {c / colors.numel():.2f}" for n, c in zip(names, counts)))
@@ -227,12 +231,15 @@ def evaluate(model_dir: Path, num_seeds: int) -> None:
     print(f"  distinct colours per prompt across seeds: mean {np.mean(distinct):.1f} of {len(COLORS)}")
 
     colored_prompts = [make_prompt(shape, color) for shape in SHAPES for color in COLORS]
-    colored_images = torch.cat([generate(unet, text_encoder, tokenizer, scheduler, colored_prompts, seed)
-                                for seed in range(2)])
+    colored_images = torch.cat(
+        [generate(unet, text_encoder, tokenizer, scheduler, colored_prompts, seed) for seed in range(2)]
+    )
     colored_prompts = colored_prompts * 2
     print(f"colour-naming prompts: {len(colored_prompts)} samples")
-    print(f"  shape agreement {ShapeAgreementReward()(colored_images, colored_prompts).mean():.3f}  "
-          f"colour agreement {ColorAgreementReward()(colored_images, colored_prompts).mean():.3f}")
+    print(
+        f"  shape agreement {ShapeAgreementReward()(colored_images, colored_prompts).mean():.3f}  "
+        f"colour agreement {ColorAgreementReward()(colored_images, colored_prompts).mean():.3f}"
+    )
 
     grid = images.permute(0, 3, 1, 4, 2).flatten(2, 3).flatten(0, 1)  # (prompts * H, seeds * W, 3)
     Image.fromarray((grid * 255).round().byte().numpy()).save(model_dir / "samples.png")

@@ -183,8 +183,16 @@ def deepspeed_files(directory: Path) -> list[Path]:
 METADATA_GLOBALS = {
     *(
         ("torch.distributed.checkpoint.metadata", name)
-        for name in ("Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
-                     "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")  # the last: an Enum
+        for name in (
+            "Metadata",
+            "StorageMeta",
+            "MetadataIndex",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "_MEM_FORMAT_ENCODING",
+        )  # the last: an Enum
     ),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),  # a dataclass: file name, offset, length
     ("torch", "Size"),  # a tuple of ints

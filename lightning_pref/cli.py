@@ -76,7 +76,9 @@ class PreferenceCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
-            "--trust_pickled_checkpoint", type=bool, default=False,
+            "--trust_pickled_checkpoint",
+            type=bool,
+            default=False,
             help="with --ckpt_path: unpickle every part of the checkpoint (only for checkpoints you wrote yourself); "
             "by default anything beyond plain tensors and numbers is refused",
         )
@@ -100,7 +102,9 @@ class PreferenceCLI(LightningCLI):
 
     def trust_strategy(self) -> None:
         """``--trust_pickled_checkpoint true`` also lets the strategy's own checkpoint loading unpickle."""
-        if self.config[self.subcommand].get("trust_pickled_checkpoint") and hasattr(self.trainer.strategy, "trust_pickled_checkpoint"):
+        if self.config[self.subcommand].get("trust_pickled_checkpoint") and hasattr(
+            self.trainer.strategy, "trust_pickled_checkpoint"
+        ):
             self.trainer.strategy.trust_pickled_checkpoint = True
 
 

@@ -17,14 +17,20 @@ import json
 def add_table_options(parser: argparse.ArgumentParser, label_column: str | None) -> None:
     """Options shared by the image and video pair-table converters."""
     parser.add_argument("--out", required=True, help="output directory for the shards")
-    parser.add_argument("--root", default=None, help="directory the table's file paths are relative to (default: the table's)")
+    parser.add_argument(
+        "--root", default=None, help="directory the table's file paths are relative to (default: the table's)"
+    )
     parser.add_argument("--prompt-column", default=None, help="column of the prompt (default: caption or prompt)")
     parser.add_argument("--winner-column", default="winner", help="column of the preferred file (ordered tables)")
     parser.add_argument("--loser-column", default="loser", help="column of the dispreferred file (ordered tables)")
     parser.add_argument("--first-column", default="path_A", help="column of the first file (labelled tables)")
     parser.add_argument("--second-column", default="path_B", help="column of the second file (labelled tables)")
-    parser.add_argument("--label-column", default=label_column, help="column holding A, B or same; unset: the table is ordered")
-    parser.add_argument("--ties", default="drop", choices=["drop", "keep", "coin_flip"], help="what to do with 'same' rows")
+    parser.add_argument(
+        "--label-column", default=label_column, help="column holding A, B or same; unset: the table is ordered"
+    )
+    parser.add_argument(
+        "--ties", default="drop", choices=["drop", "keep", "coin_flip"], help="what to do with 'same' rows"
+    )
     parser.add_argument("--samples-per-shard", type=int, default=None, help="default: 1000 images or 100 videos")
     parser.add_argument("--seed", type=int, default=0, help="seeds the coin flips of --ties coin_flip")
 
@@ -32,9 +38,17 @@ def add_table_options(parser: argparse.ArgumentParser, label_column: str | None)
 def table_options(options: argparse.Namespace, media: str) -> dict:
     from lightning_pref.datamodules.pairs import PairColumns
 
-    columns = PairColumns(options.prompt_column, options.winner_column, options.loser_column,
-                          options.first_column, options.second_column, options.label_column)
-    return dict(media=media, columns=columns, ties=options.ties, samples_per_shard=options.samples_per_shard, seed=options.seed)
+    columns = PairColumns(
+        options.prompt_column,
+        options.winner_column,
+        options.loser_column,
+        options.first_column,
+        options.second_column,
+        options.label_column,
+    )
+    return dict(
+        media=media, columns=columns, ties=options.ties, samples_per_shard=options.samples_per_shard, seed=options.seed
+    )
 
 
 def data_main(args: list[str]) -> None:
@@ -44,35 +58,58 @@ def data_main(args: list[str]) -> None:
     pickapic = commands.add_parser("pickapic", help="Pick-a-Pic parquet files to preference shards (resumable)")
     pickapic.add_argument("--source", required=True, help="a directory of parquet files, one file, or a glob")
     pickapic.add_argument("--out", required=True, help="output directory for the shards")
-    pickapic.add_argument("--ties", default="drop", choices=["drop", "keep", "coin_flip"], help="what to do with tied pairs")
+    pickapic.add_argument(
+        "--ties", default="drop", choices=["drop", "keep", "coin_flip"], help="what to do with tied pairs"
+    )
     pickapic.add_argument("--shard-size-mb", type=float, default=1000, help="approximate size of one shard")
     pickapic.add_argument("--seed", type=int, default=0, help="seeds the coin flips of --ties coin_flip")
 
-    pairs = commands.add_parser("pairs", help="a folder of images plus a CSV/JSON/JSONL table of pairs to preference shards")
+    pairs = commands.add_parser(
+        "pairs", help="a folder of images plus a CSV/JSON/JSONL table of pairs to preference shards"
+    )
     pairs.add_argument("--table", required=True, help="the table: winner/loser columns, or first/second/label columns")
     add_table_options(pairs, label_column=None)
 
-    video = commands.add_parser("video-pairs", help="video pairs (VideoAlign CSV, VideoDPO directory, or a table) to shards")
-    video.add_argument("--format", default="videoalign", choices=["videoalign", "videodpo", "table"],
-                       help="videoalign: path_A,path_B,prompt,...,<label> CSV; videodpo: a directory with pair.json; "
-                       "table: like `data pairs`")
+    video = commands.add_parser(
+        "video-pairs", help="video pairs (VideoAlign CSV, VideoDPO directory, or a table) to shards"
+    )
+    video.add_argument(
+        "--format",
+        default="videoalign",
+        choices=["videoalign", "videodpo", "table"],
+        help="videoalign: path_A,path_B,prompt,...,<label> CSV; videodpo: a directory with pair.json; "
+        "table: like `data pairs`",
+    )
     video.add_argument("--source", required=True, help="the CSV/JSON table, or the VideoDPO directory")
     add_table_options(video, label_column=None)
 
-    precompute = commands.add_parser("precompute", help="latents and prompt embeddings of shards, written to new shards")
-    precompute.add_argument("--backbone", default="StableDiffusionBackbone",
-                            help="a backbone class name or path, or a fit config YAML (its model.init_args.backbone)")
+    precompute = commands.add_parser(
+        "precompute", help="latents and prompt embeddings of shards, written to new shards"
+    )
+    precompute.add_argument(
+        "--backbone",
+        default="StableDiffusionBackbone",
+        help="a backbone class name or path, or a fit config YAML (its model.init_args.backbone)",
+    )
     precompute.add_argument("--pretrained", default=None, help="hub id or local pipeline directory")
     precompute.add_argument("--backbone-args", default="{}", help="other init arguments of the backbone, as JSON")
-    precompute.add_argument("--in", dest="source", required=True, help="pixel shards: a directory, glob or brace pattern")
+    precompute.add_argument(
+        "--in", dest="source", required=True, help="pixel shards: a directory, glob or brace pattern"
+    )
     precompute.add_argument("--out", required=True, help="output directory for the latent shards")
-    precompute.add_argument("--resolution", type=int, nargs="+", default=None, help="training size: one side, or height width")
+    precompute.add_argument(
+        "--resolution", type=int, nargs="+", default=None, help="training size: one side, or height width"
+    )
     precompute.add_argument("--num-frames", type=int, default=None, help="video frames per sample")
     precompute.add_argument("--frame-stride", type=int, default=1, help="take every n-th video frame")
     precompute.add_argument("--fps", type=float, default=None, help="resample videos to this frame rate instead")
     precompute.add_argument("--batch-size", type=int, default=16)
-    precompute.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="stored precision")
-    precompute.add_argument("--format", default="safetensors", choices=["safetensors", "npy"], help="tensor file format")
+    precompute.add_argument(
+        "--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="stored precision"
+    )
+    precompute.add_argument(
+        "--format", default="safetensors", choices=["safetensors", "npy"], help="tensor file format"
+    )
     precompute.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
     toy = commands.add_parser("toy", help="sample the toy base model and label pairs with a programmatic reward")
@@ -96,7 +133,9 @@ def data_main(args: list[str]) -> None:
         from lightning_pref.datamodules.pairs import convert_pair_table, convert_videodpo
 
         if options.format == "videodpo":
-            counts = convert_videodpo(options.source, options.out, ties=options.ties, samples_per_shard=options.samples_per_shard)
+            counts = convert_videodpo(
+                options.source, options.out, ties=options.ties, samples_per_shard=options.samples_per_shard
+            )
         else:
             if options.format == "videoalign" and options.label_column is None:
                 options.label_column = "Overall"
@@ -107,8 +146,12 @@ def data_main(args: list[str]) -> None:
         from lightning_pref.toy.preferences import generate_toy_preferences
 
         info = generate_toy_preferences(
-            options.out, options.pairs, pipeline=options.pipeline, users=options.users,
-            label_noise=options.label_noise, seed=options.seed,
+            options.out,
+            options.pairs,
+            pipeline=options.pipeline,
+            users=options.users,
+            label_noise=options.label_noise,
+            seed=options.seed,
         )
         counts = info["counts"]
     print(json.dumps(counts))
@@ -123,7 +166,14 @@ def run_precompute(options: argparse.Namespace) -> dict:
     backbone = load_backbone(options.backbone, options.pretrained, json.loads(options.backbone_args)).to(device).eval()
     resolution = options.resolution[0] if options.resolution and len(options.resolution) == 1 else options.resolution
     return precompute_shards(
-        backbone, options.source, options.out, resolution=resolution, num_frames=options.num_frames,
-        frame_stride=options.frame_stride, fps=options.fps, batch_size=options.batch_size, dtype=options.dtype,
+        backbone,
+        options.source,
+        options.out,
+        resolution=resolution,
+        num_frames=options.num_frames,
+        frame_stride=options.frame_stride,
+        fps=options.fps,
+        batch_size=options.batch_size,
+        dtype=options.dtype,
         file_format=options.format,
     )

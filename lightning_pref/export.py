@@ -47,7 +47,9 @@ def build_module(config_path: Path) -> PreferenceDiffusionModule:
 
     config = yaml.safe_load(config_path.read_text()) or {}
     if "model" not in config:
-        raise KeyError(f"{config_path} has no 'model' section: pass the config.yaml the fit wrote (or the one it read).")
+        raise KeyError(
+            f"{config_path} has no 'model' section: pass the config.yaml the fit wrote (or the one it read)."
+        )
     parser = ArgumentParser()
     parser.add_argument("--model", type=PreferenceDiffusionModule)
     return parser.instantiate(parser.parse_object({"model": config["model"]})).model
@@ -107,8 +109,14 @@ def denoiser_folder(module: PreferenceDiffusionModule) -> str:
     return "unet" if "UNet" in type(module.denoiser).__name__ else "transformer"
 
 
-def export(config: Path, checkpoint: Path, out: Path, merge_lora: bool = False, trust_pickle: bool = False,
-           opt_in: str = PYTHON_OPT_IN) -> Path:
+def export(
+    config: Path,
+    checkpoint: Path,
+    out: Path,
+    merge_lora: bool = False,
+    trust_pickle: bool = False,
+    opt_in: str = PYTHON_OPT_IN,
+) -> Path:
     """Write the trained model of ``checkpoint`` to ``out`` (see the module docstring); returns ``out``.
 
     ``trust_pickle`` unpickles the checkpoint without restriction; ``opt_in`` is how a refusal names that switch.
@@ -137,19 +145,36 @@ def export(config: Path, checkpoint: Path, out: Path, merge_lora: bool = False, 
             elif component.is_file():
                 shutil.copy2(component, out / component.name)
     denoiser.save_pretrained(out / folder, safe_serialization=True)
-    (out / "export.json").write_text(json.dumps({"checkpoint": str(checkpoint), "config": str(config), "merged_lora": merge_lora}))
+    (out / "export.json").write_text(
+        json.dumps({"checkpoint": str(checkpoint), "config": str(config), "merged_lora": merge_lora})
+    )
     return out
 
 
 def export_main(args: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lightning-pref export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lightning-pref export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", type=Path, required=True, help="the run's config.yaml (its model section)")
-    parser.add_argument("--checkpoint", type=Path, required=True, help=".ckpt file or ZeRO / FSDP2 checkpoint directory")
+    parser.add_argument(
+        "--checkpoint", type=Path, required=True, help=".ckpt file or ZeRO / FSDP2 checkpoint directory"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--merge-lora", action="store_true", help="merge a LoRA into the denoiser instead of saving the adapter")
-    parser.add_argument("--trust-pickled-checkpoint", action="store_true",
-                        help="unpickle the checkpoint without restriction: only for one your own run wrote")
+    parser.add_argument(
+        "--merge-lora", action="store_true", help="merge a LoRA into the denoiser instead of saving the adapter"
+    )
+    parser.add_argument(
+        "--trust-pickled-checkpoint",
+        action="store_true",
+        help="unpickle the checkpoint without restriction: only for one your own run wrote",
+    )
     options = parser.parse_args(args)
-    out = export(options.config, options.checkpoint, options.out, options.merge_lora, options.trust_pickled_checkpoint,
-                 opt_in="--trust-pickled-checkpoint")
+    out = export(
+        options.config,
+        options.checkpoint,
+        options.out,
+        options.merge_lora,
+        options.trust_pickled_checkpoint,
+        opt_in="--trust-pickled-checkpoint",
+    )
     print(f"wrote {out}")

@@ -99,10 +99,18 @@ _WAN = {
     "text_dim": 4096,
 }
 PRESETS: dict[str, dict[str, Any]] = {
-    "cogvideox-2b": {**_COGVIDEOX, "num_attention_heads": 30, "num_layers": 30,
-                     "use_rotary_positional_embeddings": False},
-    "cogvideox-5b": {**_COGVIDEOX, "num_attention_heads": 48, "num_layers": 42,
-                     "use_rotary_positional_embeddings": True},
+    "cogvideox-2b": {
+        **_COGVIDEOX,
+        "num_attention_heads": 30,
+        "num_layers": 30,
+        "use_rotary_positional_embeddings": False,
+    },
+    "cogvideox-5b": {
+        **_COGVIDEOX,
+        "num_attention_heads": 48,
+        "num_layers": 42,
+        "use_rotary_positional_embeddings": True,
+    },
     "wan2.1-1.3b": {**_WAN, "num_attention_heads": 12, "num_layers": 30, "ffn_dim": 8960},
     "wan2.1-14b": {**_WAN, "num_attention_heads": 40, "num_layers": 40, "ffn_dim": 13824},
 }
@@ -212,8 +220,9 @@ def wan_inputs(model: nn.Module, shape: VideoShape, samples: int) -> dict[str, A
     frames = (shape.frames - 1) // temporal + 1
     meta = dict(device="meta", dtype=model.dtype)
     inputs = dict(
-        hidden_states=torch.empty(samples, config.in_channels, frames, shape.height // spatial,
-                                  shape.width // spatial, **meta),
+        hidden_states=torch.empty(
+            samples, config.in_channels, frames, shape.height // spatial, shape.width // spatial, **meta
+        ),
         encoder_hidden_states=torch.empty(samples, shape.text_tokens, config.text_dim, **meta),
         timestep=torch.empty(samples, device="meta", dtype=torch.long),
     )
@@ -291,8 +300,9 @@ class SavedTensorLedger(TorchFunctionMode):
         query, key, value = named["query"], named["key"], named["value"]
         grad = any(t.requires_grad for t in (query, key, value)) and torch.is_grad_enabled()
         *batch, heads, length, _ = query.shape  # flash kernels write (batch, length, heads, dim), viewed transposed
-        output = torch.empty(*batch, length, heads, value.shape[-1], dtype=query.dtype, device=query.device,
-                             requires_grad=grad).transpose(-3, -2)
+        output = torch.empty(
+            *batch, length, heads, value.shape[-1], dtype=query.dtype, device=query.device, requires_grad=grad
+        ).transpose(-3, -2)
         if grad:
             for tensor in (query, key, value, output):
                 self.add(tensor)
@@ -316,8 +326,11 @@ def measure_activations(model: nn.Module, inputs: dict[str, Any]) -> Activations
 
     hooks = []
     for index, block in enumerate(repeated_blocks(model)):
-        hooks.append(block.register_forward_pre_hook(
-            lambda _, args, kwargs, index=index: enter_block(index, args, kwargs), with_kwargs=True))
+        hooks.append(
+            block.register_forward_pre_hook(
+                lambda _, args, kwargs, index=index: enter_block(index, args, kwargs), with_kwargs=True
+            )
+        )
         hooks.append(block.register_forward_hook(lambda *_: setattr(ledger, "region", "outside")))
     try:
         with torch.autograd.graph.saved_tensors_hooks(ledger.pack, lambda tensor: tensor), ledger:
@@ -326,8 +339,12 @@ def measure_activations(model: nn.Module, inputs: dict[str, Any]) -> Activations
         for hook in hooks:
             hook.remove()
     blocks = [size for region, size in ledger.bytes.items() if isinstance(region, int)]
-    return Activations(ledger.bytes.get("inputs", 0), max(blocks, default=0), ledger.bytes.get("outside", 0),
-                       tokens[0] if tokens else 0)
+    return Activations(
+        ledger.bytes.get("inputs", 0),
+        max(blocks, default=0),
+        ledger.bytes.get("outside", 0),
+        tokens[0] if tokens else 0,
+    )
 
 
 # --------------------------------------------------------------------------------------------- profile
@@ -343,8 +360,14 @@ class DenoiserProfile:
 
 
 @functools.cache
-def profile_denoiser(config_json: str, finetune: str, samples: int, shape: VideoShape | None, lora_rank: int,
-                     lora_targets: tuple[str, ...]) -> DenoiserProfile:
+def profile_denoiser(
+    config_json: str,
+    finetune: str,
+    samples: int,
+    shape: VideoShape | None,
+    lora_rank: int,
+    lora_targets: tuple[str, ...],
+) -> DenoiserProfile:
     """Counts on the meta model, and its activations for ``samples`` samples of ``shape`` (``None``: not measured)."""
     config = json.loads(config_json)
     model = build_on_meta(config)
@@ -360,8 +383,9 @@ def profile_denoiser(config_json: str, finetune: str, samples: int, shape: Video
 
 
 # ------------------------------------------------------------------------------------- memory per GPU
-def model_states(trained: int, largest_trained_layer: int, strategy: str, gpus_per_node: int,
-                 nodes: int) -> tuple[int, int]:
+def model_states(
+    trained: int, largest_trained_layer: int, strategy: str, gpus_per_node: int, nodes: int
+) -> tuple[int, int]:
     """``(GPU bytes, CPU bytes per node)`` of the trained parameters' weights, gradients and Adam states,
     from DeepSpeed's estimators (``additional_buffer_factor`` 1.5 on the CPU side, as DeepSpeed prints)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
@@ -382,8 +406,9 @@ def model_states(trained: int, largest_trained_layer: int, strategy: str, gpus_p
     return gpu, cpu
 
 
-def frozen_weights(parameters: int, largest_layer: int, strategy: str, gpus_per_node: int,
-                   nodes: int) -> tuple[int, int]:
+def frozen_weights(
+    parameters: int, largest_layer: int, strategy: str, gpus_per_node: int, nodes: int
+) -> tuple[int, int]:
     """``(GPU bytes, CPU bytes per node)`` of frozen bf16 weights: ``2 x params`` replicated (DDP, ZeRO-2),
     ``2 x params / N + 2 x largest layer`` (ZeRO-3), ``2 x largest layer`` with ``2 x params / nodes`` on
     the CPU (ZeRO-3 with parameter offload)."""
@@ -418,17 +443,30 @@ class MemoryPlan:
         return self.states + self.frozen + self.reference + (self.activations.total if self.activations else 0)
 
 
-def plan_memory(model: str, config: dict[str, Any], finetune: str, strategy: str, gpus_per_node: int = 8,
-                nodes: int = 1, objective: str = "dpo", pairs_per_gpu: int = 1, shape: VideoShape | None = None,
-                lora_rank: int = 128, lora_targets: tuple[str, ...] = LORA_TARGETS) -> MemoryPlan:
+def plan_memory(
+    model: str,
+    config: dict[str, Any],
+    finetune: str,
+    strategy: str,
+    gpus_per_node: int = 8,
+    nodes: int = 1,
+    objective: str = "dpo",
+    pairs_per_gpu: int = 1,
+    shape: VideoShape | None = None,
+    lora_rank: int = 128,
+    lora_targets: tuple[str, ...] = LORA_TARGETS,
+) -> MemoryPlan:
     """The memory of training ``config``'s denoiser with ``finetune`` x ``strategy`` on ``gpus_per_node x nodes``.
 
     ``dpo``: a micro-batch of ``2 x pairs_per_gpu`` samples (``[winners; losers]``) and, with ``full``, a frozen
     reference copy. ``sft``: ``pairs_per_gpu`` samples, no reference. ``shape`` defaults to the family's
     training sample (CogVideoX 49x480x720, Wan2.1 81x480x832).
     """
-    for option, value, choices in (("--finetune", finetune, FINETUNES), ("--strategy", strategy, STRATEGIES),
-                                   ("--objective", objective, OBJECTIVES)):
+    for option, value, choices in (
+        ("--finetune", finetune, FINETUNES),
+        ("--strategy", strategy, STRATEGIES),
+        ("--objective", objective, OBJECTIVES),
+    ):
         if value not in choices:
             raise ConfigError(f"{option} {value!r}: choose from {', '.join(choices)}")
     if gpus_per_node < 1 or nodes < 1 or pairs_per_gpu < 1:
@@ -436,24 +474,41 @@ def plan_memory(model: str, config: dict[str, Any], finetune: str, strategy: str
     recipe = INPUT_RECIPES.get(config["_class_name"])
     shape = shape or (recipe.default_shape(config) if recipe else None)
     samples = pairs_per_gpu * (2 if objective == "dpo" else 1)
-    profile = profile_denoiser(json.dumps(config, sort_keys=True), finetune, samples, shape, lora_rank,
-                               tuple(lora_targets))
-    states, states_cpu = model_states(profile.trainable, profile.largest_trainable_layer, strategy, gpus_per_node,
-                                      nodes)
+    profile = profile_denoiser(
+        json.dumps(config, sort_keys=True), finetune, samples, shape, lora_rank, tuple(lora_targets)
+    )
+    states, states_cpu = model_states(
+        profile.trainable, profile.largest_trainable_layer, strategy, gpus_per_node, nodes
+    )
     frozen, frozen_cpu = (0, 0)
     if finetune == "lora":
         frozen, frozen_cpu = frozen_weights(profile.parameters, profile.largest_layer, strategy, gpus_per_node, nodes)
     reference, reference_cpu = (0, 0)
     if finetune == "full" and objective == "dpo":
-        reference, reference_cpu = frozen_weights(profile.parameters, profile.largest_layer, strategy,
-                                                  gpus_per_node, nodes)
-    return MemoryPlan(model, objective, finetune, strategy, gpus_per_node, nodes, profile.trainable, states, frozen,
-                      reference, profile.activations, states_cpu + frozen_cpu + reference_cpu)
+        reference, reference_cpu = frozen_weights(
+            profile.parameters, profile.largest_layer, strategy, gpus_per_node, nodes
+        )
+    return MemoryPlan(
+        model,
+        objective,
+        finetune,
+        strategy,
+        gpus_per_node,
+        nodes,
+        profile.trainable,
+        states,
+        frozen,
+        reference,
+        profile.activations,
+        states_cpu + frozen_cpu + reference_cpu,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ table
-TABLE_HEADER = ("| model | objective | finetune | strategy | GPUs | trainable | states | frozen | reference "
-                "| act. inputs | act. block | act. other | **GPU total** | CPU/node |")
+TABLE_HEADER = (
+    "| model | objective | finetune | strategy | GPUs | trainable | states | frozen | reference "
+    "| act. inputs | act. block | act. other | **GPU total** | CPU/node |"
+)
 
 
 def gib(size: int) -> str:
@@ -468,9 +523,20 @@ def table_row(plan: MemoryPlan) -> str:
     act = plan.activations
     activation_cells = (gib(act.block_inputs), gib(act.one_block), gib(act.outside_blocks)) if act else ("n/a",) * 3
     total = gib(plan.gpu) if act else f">= {gib(plan.gpu)}"
-    cells = (plan.model, plan.objective, plan.finetune, plan.strategy, f"{plan.gpus_per_node}x{plan.nodes}",
-             count(plan.trainable), gib(plan.states), gib(plan.frozen), gib(plan.reference), *activation_cells,
-             f"**{total}**", gib(plan.cpu))
+    cells = (
+        plan.model,
+        plan.objective,
+        plan.finetune,
+        plan.strategy,
+        f"{plan.gpus_per_node}x{plan.nodes}",
+        count(plan.trainable),
+        gib(plan.states),
+        gib(plan.frozen),
+        gib(plan.reference),
+        *activation_cells,
+        f"**{total}**",
+        gib(plan.cpu),
+    )
     return "| " + " | ".join(cells) + " |"
 
 
@@ -480,12 +546,20 @@ def markdown_table(plans: list[MemoryPlan]) -> str:
     return "\n".join([TABLE_HEADER, separator, *(table_row(plan) for plan in plans)])
 
 
-def describe_model(name: str, config: dict[str, Any], lora_rank: int, lora_targets: tuple[str, ...],
-                   shape: VideoShape | None, plans: list[MemoryPlan]) -> str:
+def describe_model(
+    name: str,
+    config: dict[str, Any],
+    lora_rank: int,
+    lora_targets: tuple[str, ...],
+    shape: VideoShape | None,
+    plans: list[MemoryPlan],
+) -> str:
     """One line: parameters, LoRA parameters, and the tokens of one sample."""
     counts = profile_denoiser(json.dumps(config, sort_keys=True), "lora", 1, None, lora_rank, lora_targets)
-    line = (f"{name} ({config['_class_name']}): {count(counts.parameters)} parameters; LoRA rank {lora_rank} on "
-            f"{','.join(lora_targets)}: {count(counts.trainable)}")
+    line = (
+        f"{name} ({config['_class_name']}): {count(counts.parameters)} parameters; LoRA rank {lora_rank} on "
+        f"{','.join(lora_targets)}: {count(counts.trainable)}"
+    )
     measured = [plan.activations for plan in plans if plan.model == name and plan.activations]
     if measured:
         line += f"; a {shape} sample is {measured[0].tokens} tokens in a block's hidden states"
@@ -505,8 +579,12 @@ def video_shape(config: dict[str, Any], options: argparse.Namespace) -> VideoSha
     if recipe is None:
         return None
     default = recipe.default_shape(config)
-    return VideoShape(options.frames or default.frames, options.height or default.height,
-                      options.width or default.width, options.text_tokens or default.text_tokens)
+    return VideoShape(
+        options.frames or default.frames,
+        options.height or default.height,
+        options.width or default.width,
+        options.text_tokens or default.text_tokens,
+    )
 
 
 def positive_int(text: str) -> int:
@@ -531,19 +609,34 @@ def plan_main(args: list[str]) -> None:
     parser.add_argument("--config", default=None, help="a diffusers transformer/config.json instead of a preset")
     parser.add_argument("--finetune", nargs="+", default=list(FINETUNES), help="lora and/or full")
     parser.add_argument("--strategy", nargs="+", default=list(STRATEGIES), help=" ".join(STRATEGIES))
-    parser.add_argument("--objective", nargs="+", default=["dpo"],
-                        help="dpo ([winners; losers] batch, reference) and/or sft (neither, as published figures)")
-    parser.add_argument("--gpus", nargs="+", type=positive_int, default=[8], help="GPUs per node (several: rows for each)")
+    parser.add_argument(
+        "--objective",
+        nargs="+",
+        default=["dpo"],
+        help="dpo ([winners; losers] batch, reference) and/or sft (neither, as published figures)",
+    )
+    parser.add_argument(
+        "--gpus", nargs="+", type=positive_int, default=[8], help="GPUs per node (several: rows for each)"
+    )
     parser.add_argument("--nodes", type=positive_int, default=1)
     parser.add_argument("--batch-size", type=positive_int, default=1, help="pairs (DPO) or samples (SFT) per GPU")
     cogvideox, wan = CogVideoXBackbone.training_video, WanBackbone.training_video
-    parser.add_argument("--frames", type=positive_int, default=None,
-                        help=f"pixel frames (default: {cogvideox.frames} CogVideoX, {wan.frames} Wan)")
+    parser.add_argument(
+        "--frames",
+        type=positive_int,
+        default=None,
+        help=f"pixel frames (default: {cogvideox.frames} CogVideoX, {wan.frames} Wan)",
+    )
     parser.add_argument("--height", type=positive_int, default=None, help=f"default: {cogvideox.height}")
-    parser.add_argument("--width", type=positive_int, default=None,
-                        help=f"default: {cogvideox.width} (CogVideoX), {wan.width} (Wan)")
-    parser.add_argument("--text-tokens", type=positive_int, default=None,
-                        help=f"default: {cogvideox.text_tokens} (CogVideoX), {wan.text_tokens} (Wan)")
+    parser.add_argument(
+        "--width", type=positive_int, default=None, help=f"default: {cogvideox.width} (CogVideoX), {wan.width} (Wan)"
+    )
+    parser.add_argument(
+        "--text-tokens",
+        type=positive_int,
+        default=None,
+        help=f"default: {cogvideox.text_tokens} (CogVideoX), {wan.text_tokens} (Wan)",
+    )
     parser.add_argument("--lora-rank", type=positive_int, default=128, help="default: 128, as CogVideoX's fine-tuning")
     parser.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS))
     options = parser.parse_args(args)
@@ -553,16 +646,32 @@ def plan_main(args: list[str]) -> None:
     try:
         if options.config and options.model:
             raise ConfigError("--config and --model: give one of them")
-        models = ({options.config: load_config(options.config)} if options.config
-                  else {name: preset_config(name) for name in options.model or PRESETS})
+        models = (
+            {options.config: load_config(options.config)}
+            if options.config
+            else {name: preset_config(name) for name in options.model or PRESETS}
+        )
         targets = tuple(options.lora_targets)
         for name, config in models.items():
             shape = video_shape(config, options)
             plans += [
-                plan_memory(name, config, finetune, strategy, gpus, options.nodes, objective, options.batch_size,
-                            shape, options.lora_rank, targets)
-                for objective in options.objective for finetune in options.finetune
-                for gpus in options.gpus for strategy in options.strategy
+                plan_memory(
+                    name,
+                    config,
+                    finetune,
+                    strategy,
+                    gpus,
+                    options.nodes,
+                    objective,
+                    options.batch_size,
+                    shape,
+                    options.lora_rank,
+                    targets,
+                )
+                for objective in options.objective
+                for finetune in options.finetune
+                for gpus in options.gpus
+                for strategy in options.strategy
             ]
             descriptions.append(describe_model(name, config, options.lora_rank, targets, shape, plans))
     except ValueError as error:

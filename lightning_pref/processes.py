@@ -155,7 +155,11 @@ class NoiseProcess:
         kl = torch.where(finite, coefficient, 0.0) * error
         log_weight = -kl
         if estimator == "sampled":
-            xi = torch.randn(kl.shape, dtype=torch.float64) if standard_normal is None else standard_normal.cpu().double()
+            xi = (
+                torch.randn(kl.shape, dtype=torch.float64)
+                if standard_normal is None
+                else standard_normal.cpu().double()
+            )
             log_weight = log_weight - (2 * kl).sqrt() * xi
         log_weight = torch.where(finite | (error == 0), log_weight, -math.inf)
         return log_weight.to(squared_error.device, torch.float32)
@@ -324,7 +328,11 @@ class FlowMatchingProcess(NoiseProcess):
 
     def timesteps_at(self, quantiles: Tensor) -> Tensor:
         u = quantiles.double()
-        s = u if self.time_sampling == "uniform" else torch.sigmoid(self.logit_mean + self.logit_std * torch.special.ndtri(u))
+        s = (
+            u
+            if self.time_sampling == "uniform"
+            else torch.sigmoid(self.logit_mean + self.logit_std * torch.special.ndtri(u))
+        )
         return self.shifted(s.float())
 
     def shifted(self, s: Tensor) -> Tensor:

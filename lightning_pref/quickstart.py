@@ -46,8 +46,19 @@ def main(args: list[str] | None = None) -> None:
     quiet_libraries()
     prepare_data(OUTPUT)
     seed = str(options.seed)
-    module = PreferenceCLI(args=["fit", "--config", str(CONFIG), "--seed_everything", seed, "--model.init_args.seed", seed,
-                                 "--data.init_args.seed", seed]).model
+    module = PreferenceCLI(
+        args=[
+            "fit",
+            "--config",
+            str(CONFIG),
+            "--seed_everything",
+            seed,
+            "--model.init_args.seed",
+            seed,
+            "--data.init_args.seed",
+            seed,
+        ]
+    ).model
 
     from lightning_pref.toy.evaluation import evaluate_against_base, verdict
 

@@ -125,7 +125,9 @@ class FrozenCopy(Reference):
             self.copy.to("cpu")
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
-        if not (self.offload or self.sharded):  # an offloaded copy lives on the CPU; a sharded one is placed by its strategy
+        if not (
+            self.offload or self.sharded
+        ):  # an offloaded copy lives on the CPU; a sharded one is placed by its strategy
             self.copy._apply(fn)
 
     def shard(self, strategy: Any, mesh: Any) -> None:

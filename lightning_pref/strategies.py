@@ -61,8 +61,9 @@ class DeepSpeedStrategy(PlainDataCheckpointLoading, LightningDeepSpeedStrategy):
         lightning-pref fit --config examples/sd15_diffusion_dpo.yaml --config examples/strategies/zero3.yaml
     """
 
-    def __init__(self, *args: Any, exclude_frozen_parameters: bool = True, trust_pickled_checkpoint: bool = False,
-                 **kwargs: Any):
+    def __init__(
+        self, *args: Any, exclude_frozen_parameters: bool = True, trust_pickled_checkpoint: bool = False, **kwargs: Any
+    ):
         super().__init__(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
         self.trust_pickled_checkpoint = trust_pickled_checkpoint
 
@@ -217,4 +218,3 @@ def transformer_blocks(denoiser: nn.Module) -> list[nn.Module]:
     if getattr(denoiser, "mid_block", None) is not None:
         blocks.append(denoiser.mid_block)
     return blocks
-

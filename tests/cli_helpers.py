@@ -53,7 +53,12 @@ def tiny_config(tiny_sd, tiny_shards, tmp_path, **model_options):
 def run_cli(args, tmp_path, extra_path=None):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(extra_path or ""), str(REPO)]))}
     return subprocess.run(
-        [sys.executable, "-m", "lightning_pref.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "lightning_pref.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 

@@ -29,7 +29,9 @@ def tiny_sdxl(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pixel(tmp_path_factory):
     """A tiny pixel-space pipeline (no VAE), v-prediction."""
-    return write_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_pixel"), pixel_space=True, prediction_type="v_prediction")
+    return write_tiny_sd_pipeline(
+        tmp_path_factory.mktemp("tiny_pixel"), pixel_space=True, prediction_type="v_prediction"
+    )
 
 
 def random_pairs(num: int, size: int = 16, seed: int = 0) -> list[dict]:

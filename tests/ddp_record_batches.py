@@ -33,14 +33,30 @@ class Recorder(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def on_train_end(self):
-        record = {"keys": self.keys, "flips": self.flips, "batches": self.batches, "skipped": self.trainer.datamodule.skipped_samples}
+        record = {
+            "keys": self.keys,
+            "flips": self.flips,
+            "batches": self.batches,
+            "skipped": self.trainer.datamodule.skipped_samples,
+        }
         (self.out_dir / f"rank{self.global_rank}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
     shards, out_dir = sys.argv[1:3]
     pl.seed_everything(0)
-    data = PreferenceDataModule(shards, batch_size=2, num_workers=2, shuffle_buffer=4, batches_per_epoch=5, label_noise=0.3, seed=3)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    data = PreferenceDataModule(
+        shards, batch_size=2, num_workers=2, shuffle_buffer=4, batches_per_epoch=5, label_noise=0.3, seed=3
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
     trainer.fit(Recorder(out_dir), datamodule=data)

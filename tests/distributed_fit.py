@@ -76,7 +76,9 @@ class Record(pl.Callback):
         self.out_dir, self.pixel_shape, self.losses = out_dir, pixel_shape, {}
 
     def reference_output(self, module) -> torch.Tensor:
-        x = module.backbone.encode_pixels(torch.stack([pair["pixels_w"] for pair in global_batch(self.pixel_shape)[:2]]))
+        x = module.backbone.encode_pixels(
+            torch.stack([pair["pixels_w"] for pair in global_batch(self.pixel_shape)[:2]])
+        )
         timesteps = module.process.model_timesteps(module.process.sample_timesteps(2, torch.Generator().manual_seed(0)))
         conditioning = module.backbone.encode_prompts(["a red cat", "a square"])
         with torch.no_grad():
@@ -99,7 +101,9 @@ class Record(pl.Callback):
             "reference_total": self.reference_total,
             "reference_change": (self.reference_output(module) - self.reference_before).abs().max().item(),
             "reference_sharded": isinstance(module.reference, FrozenCopy) and module.reference.sharded,
-            "reference_dtype": str(next(module.reference.copy.parameters()).dtype) if isinstance(module.reference, FrozenCopy) else None,
+            "reference_dtype": str(next(module.reference.copy.parameters()).dtype)
+            if isinstance(module.reference, FrozenCopy)
+            else None,
         }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
         state = gathered_state(module.denoiser, trainer.strategy)
@@ -121,7 +125,8 @@ class RecordingDPO(DiffusionDPO):
 
     def compute_loss(self, errors, batch):
         self.errors_by_step[self.global_step + 1] = {
-            name: value.detach().float().tolist() for name, value in zip(("policy_w", "policy_l", "ref_w", "ref_l"), errors.as_args())
+            name: value.detach().float().tolist()
+            for name, value in zip(("policy_w", "policy_l", "ref_w", "ref_l"), errors.as_args())
         }
         return super().compute_loss(errors, batch)
 
@@ -133,7 +138,9 @@ def training_module(pipeline: str, backbone: str = "sd", finetune: str = "full")
     """The module every run of this script trains (tests rebuild it to load its checkpoints)."""
     # All in float32 (the T5 encoders default to bfloat16), so one process and N differ by fp32 rounding alone.
     options = {} if backbone == "sd" else {"text_encoder_dtype": "float32"}
-    return RecordingDPO(BACKBONES[backbone][0](str(pipeline), **options), beta=500.0, finetune=finetune, lr=1e-3, seed=7)
+    return RecordingDPO(
+        BACKBONES[backbone][0](str(pipeline), **options), beta=500.0, finetune=finetune, lr=1e-3, seed=7
+    )
 
 
 def gathered_state(denoiser: torch.nn.Module, strategy) -> dict[str, torch.Tensor]:
@@ -142,7 +149,10 @@ def gathered_state(denoiser: torch.nn.Module, strategy) -> dict[str, torch.Tenso
         with deepspeed.zero.GatheredParameters(list(denoiser.parameters())):
             return {key: value.detach().clone() for key, value in denoiser.state_dict().items()}
     state = denoiser.state_dict()
-    return {key: (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone() for key, value in state.items()}
+    return {
+        key: (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone()
+        for key, value in state.items()
+    }
 
 
 def local_numel(param: torch.Tensor) -> int:
@@ -160,7 +170,12 @@ def full_numel(param: torch.Tensor) -> int:
 def strategy_for(name: str, processes: int):
     if name == "fsdp2":  # one data-parallel mesh over every process of every node
         return ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1)
-    return {"single": "auto", "ddp": DDPStrategy(), "zero2": DeepSpeedStrategy(stage=2), "zero3": DeepSpeedStrategy(stage=3)}[name]
+    return {
+        "single": "auto",
+        "ddp": DDPStrategy(),
+        "zero2": DeepSpeedStrategy(stage=2),
+        "zero3": DeepSpeedStrategy(stage=3),
+    }[name]
 
 
 def main() -> None:
@@ -193,8 +208,11 @@ def main() -> None:
         callbacks=[
             Record(args.out_dir, pixel_shape),
             ModelCheckpoint(args.out_dir / "checkpoints", filename="{step}", every_n_train_steps=2, save_top_k=-1),
-            *([SampleGrid(["a red cat", "a square"], num_inference_steps=2, dirpath=str(args.out_dir / "samples"))]
-              if args.backbone == "sd" else []),
+            *(
+                [SampleGrid(["a red cat", "a square"], num_inference_steps=2, dirpath=str(args.out_dir / "samples"))]
+                if args.backbone == "sd"
+                else []
+            ),
         ],
     )
     trainer.fit(module, datamodule=RankSlice(args.steps, pixel_shape), ckpt_path=args.resume)

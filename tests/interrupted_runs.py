@@ -28,10 +28,19 @@ def write_resume_shards(out: Path) -> Path:
     """Six shards of five pairs of random 8x8 images; one shard also holds a sample that does not decode."""
     rng = np.random.default_rng(0)
     for index in range(6):
-        pairs = [{"winner": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "loser": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
-                  "caption": f"a red cat {index}-{i}"} for i in range(5)]
+        pairs = [
+            {
+                "winner": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+                "loser": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+                "caption": f"a red cat {index}-{i}",
+            }
+            for i in range(5)
+        ]
         write_preference_shards(pairs, out, prefix=f"s{index}")
-    append_members(out / "s2-000000.tar", [("s2bad.winner.png", b"not a png"), ("s2bad.loser.png", b"x"), ("s2bad.json", b'{"caption": "c"}')])
+    append_members(
+        out / "s2-000000.tar",
+        [("s2bad.winner.png", b"not a png"), ("s2bad.loser.png", b"x"), ("s2bad.json", b'{"caption": "c"}')],
+    )
     return out
 
 
@@ -45,8 +54,15 @@ def script_command(pipeline: Path, shards: Path, out: Path, **options) -> list[s
 def run_fit(pipeline: Path, shards: Path, out: Path, **options) -> int:
     """Run the script to its end (or its SIGKILL); returns its exit status (``-9`` when killed)."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(script_command(pipeline, shards, out, **options), env=env, cwd=out, capture_output=True,
-                            text=True, timeout=300, start_new_session=True)
+    result = subprocess.run(
+        script_command(pipeline, shards, out, **options),
+        env=env,
+        cwd=out,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,
+    )
     if result.returncode not in (0, -signal.SIGKILL):
         raise AssertionError(result.stderr[-4000:])
     return result.returncode
@@ -54,4 +70,7 @@ def run_fit(pipeline: Path, shards: Path, out: Path, **options) -> int:
 
 def losses(out: Path, devices: int = 1) -> list[list[dict]]:
     """Per rank, the ``{"step", "loss", "keys"}`` rows the script recorded, in order."""
-    return [[json.loads(line) for line in (out / f"losses-rank{rank}.jsonl").read_text().splitlines()] for rank in range(devices)]
+    return [
+        [json.loads(line) for line in (out / f"losses-rank{rank}.jsonl").read_text().splitlines()]
+        for rank in range(devices)
+    ]

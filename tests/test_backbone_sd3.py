@@ -135,7 +135,9 @@ def test_the_transformer_trains_on_flow_inputs_and_velocity_targets(tiny_sd3, tm
     module.denoiser.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs), with_kwargs=True)
     generator = torch.Generator().manual_seed(0)
     latents_w, latents_l = torch.randn(2, 3, 16, 8, 8, generator=generator)
-    pairs = [{"latents_w": w, "latents_l": loser, "prompt": p} for w, loser, p in zip(latents_w, latents_l, PROMPTS + ["a"])]
+    pairs = [
+        {"latents_w": w, "latents_l": loser, "prompt": p} for w, loser, p in zip(latents_w, latents_l, PROMPTS + ["a"])
+    ]
     trainer(tmp_path, 1).fit(module, DataLoader(pairs, batch_size=3))
 
     (noisy,), (policy_inputs, reference_inputs) = noised, seen
@@ -242,7 +244,9 @@ def test_trains_on_precomputed_latents_and_both_prompt_tensors(tiny_sd3, tiny_sh
     data = PreferenceDataModule(str(tmp_path / "latents"), batch_size=2, num_workers=0, batches_per_epoch=1)
     batch = next(iter(data.train_dataloader()))
     assert batch["latents_w"].shape == (2, 16, 8, 8) and "pixels_w" not in batch
-    torch.testing.assert_close(batch["pooled_projections"], backbone.encode_prompts(batch["prompt"])["pooled_projections"])
+    torch.testing.assert_close(
+        batch["pooled_projections"], backbone.encode_prompts(batch["prompt"])["pooled_projections"]
+    )
 
     def no_text_encoders(prompts):
         raise AssertionError("the text encoders ran on precomputed prompts")
@@ -311,7 +315,9 @@ def test_example_config_fits_one_step_on_the_tiny_pipeline(tiny_sd3, tiny_shards
     assert float(losses) == pytest.approx(math.log(2))  # LoRA starts as the reference: margin 0
     (lr,) = [row["lr-AdamW"] for row in rows if row["lr-AdamW"]]
     assert float(lr) == pytest.approx(1e-8 * 2 / 201)  # scale_lr by 2 pairs per step, first of 200 warm-up steps
-    assert next(tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt")).is_file()  # the example's callbacks ran
+    assert next(
+        tmp_path.glob("lightning_logs/version_*/checkpoints/last.ckpt")
+    ).is_file()  # the example's callbacks ran
 
 
 def test_t5_is_held_in_bfloat16_by_default_and_feeds_the_denoiser_its_dtype(tiny_sd3):
@@ -319,7 +325,9 @@ def test_t5_is_held_in_bfloat16_by_default_and_feeds_the_denoiser_its_dtype(tiny
     assert backbone.text_encoder_3.dtype == torch.bfloat16 and backbone.text_encoder.dtype == torch.float32
     hidden = backbone.encode_prompts(PROMPTS)["encoder_hidden_states"]
     assert hidden.dtype == backbone.denoiser.dtype == torch.float32
-    exact = StableDiffusion3Backbone(str(tiny_sd3), text_encoder_dtype="float32").encode_prompts(PROMPTS)["encoder_hidden_states"]
+    exact = StableDiffusion3Backbone(str(tiny_sd3), text_encoder_dtype="float32").encode_prompts(PROMPTS)[
+        "encoder_hidden_states"
+    ]
     torch.testing.assert_close(hidden, exact, rtol=0.05, atol=0.05)  # bf16 rounding only
     with pytest.raises(ValueError, match="text_encoder_dtype='int8'"):
         StableDiffusion3Backbone(str(tiny_sd3), text_encoder_dtype="int8")

@@ -80,7 +80,11 @@ def test_process_is_flow_matching_with_the_configs_shift(backbone, tiny_wan):
 @pytest.mark.parametrize(
     "part, change, message",
     [
-        ("model_index.json", {"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.9}, "two expert"),
+        (
+            "model_index.json",
+            {"transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.9},
+            "two expert",
+        ),
         ("transformer/config.json", {"in_channels": 8}, "image-to-video checkpoint"),
     ],
 )

@@ -25,10 +25,16 @@ def test_sdxl_backbone_uses_both_encoders_and_time_ids(tiny_sdxl):
     x_t = torch.randn(1, 4, 8, 8)
     default = backbone.predict(backbone.denoiser, x_t, torch.tensor([500]), conditioning)
     explicit = backbone.predict(
-        backbone.denoiser, x_t, torch.tensor([500]), {**conditioning, "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]])}
+        backbone.denoiser,
+        x_t,
+        torch.tensor([500]),
+        {**conditioning, "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]])},
     )
     cropped = backbone.predict(
-        backbone.denoiser, x_t, torch.tensor([500]), {**conditioning, "time_ids": torch.tensor([[64.0, 64, 8, 8, 16, 16]])}
+        backbone.denoiser,
+        x_t,
+        torch.tensor([500]),
+        {**conditioning, "time_ids": torch.tensor([[64.0, 64, 8, 8, 16, 16]])},
     )
     torch.testing.assert_close(default, explicit)
     assert not torch.allclose(default, cropped)
@@ -63,7 +69,6 @@ def test_caption_dropout_replaces_rows_with_the_empty_prompt(tiny_sd):
 def test_not_a_pipeline_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         StableDiffusionBackbone(str(tmp_path))
-
 
 
 def test_missing_local_path_is_a_clear_error(tmp_path):

@@ -13,7 +13,9 @@ from lightning_pref.rewards import WarmthReward
 
 def test_sample_grid_writes_before_after_and_rewards(tmp_path, tiny_pixel):
     prompts = ["a red cat", "a dog"]
-    grid = SampleGrid(prompts, seed=5, num_inference_steps=2, dirpath=str(tmp_path / "samples"), scale=2, reward=WarmthReward())
+    grid = SampleGrid(
+        prompts, seed=5, num_inference_steps=2, dirpath=str(tmp_path / "samples"), scale=2, reward=WarmthReward()
+    )
     module = DiffusionDPO(StableDiffusionBackbone(str(tiny_pixel)), finetune="full", lr=1e-2)
     reference = StableDiffusionBackbone(str(tiny_pixel))
     trainer(tmp_path, 2, callbacks=[grid]).fit(module, DataLoader(random_pairs(4, size=8), batch_size=2))
@@ -24,7 +26,9 @@ def test_sample_grid_writes_before_after_and_rewards(tmp_path, tiny_pixel):
     assert [image["seed"] for image in summary["per_image"]] == [5, 6]
     assert summary["reward"] == "warmth" and 0 <= summary["win_rate"] <= 1
     # "before" is the untouched base model sampled from the seeds' noise
-    noise = torch.stack([torch.randn(reference.latent_shape(1)[1:], generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
+    noise = torch.stack(
+        [torch.randn(reference.latent_shape(1)[1:], generator=torch.Generator().manual_seed(s)) for s in (5, 6)]
+    )
     expected = reference.sample(prompts, initial_noise=noise, num_inference_steps=2)
     torch.testing.assert_close(grid.before, expected)
     assert summary["mean_before"] == WarmthReward().score(expected, prompts).mean().item()
@@ -65,8 +69,16 @@ def test_ema_weights_average_every_optimizer_step_and_replace_the_weights_at_the
 
     module, ema = Line(), EMAWeights(decay=0.5)
     batches = torch.arange(12, dtype=torch.float32).reshape(4, 3)
-    pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, default_root_dir=tmp_path, callbacks=[ema]).fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
+    pl.Trainer(
+        max_steps=4,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[ema],
+    ).fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
     expected = module.seen[0]  # the first update copies; then d_n = min(0.5, n / (9 + n))
     for n, weights in enumerate(module.seen[1:], start=2):
         decay = min(0.5, n / (9 + n))

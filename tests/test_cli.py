@@ -1,6 +1,5 @@
 """The `lightning-pref` command: configs, overrides, user subclasses, and errors a user can make."""
 
-
 import pytest
 import yaml
 from cli_helpers import REPO, run_cli, tiny_config, write_config
@@ -14,7 +13,9 @@ def test_print_config_works_without_a_config(tmp_path):
 
 def test_fit_from_yaml_with_a_command_line_override(tiny_sd, tiny_shards, tmp_path):
     config = write_config(tiny_config(tiny_sd, tiny_shards, tmp_path), tmp_path)
-    result = run_cli(["fit", "--config", str(config), "--model.init_args.finetune", "full", "--trainer.max_steps", "3"], tmp_path)
+    result = run_cli(
+        ["fit", "--config", str(config), "--model.init_args.finetune", "full", "--trainer.max_steps", "3"], tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = next(tmp_path.glob("lightning_logs/version_*/metrics.csv")).read_text().splitlines()
     assert "train/implicit_acc" in metrics[0]

@@ -22,11 +22,19 @@ def free_port() -> int:
 def test_ranks_get_disjoint_samples_and_the_same_number_of_batches(tmp_path):
     pixel = np.zeros((8, 8, 3), np.uint8)
     for index, size in enumerate([2, 9, 3, 7, 1, 6, 4, 8]):  # uneven shards: ranks hold unequal amounts of data
-        write_preference_shards([{"winner": pixel, "loser": pixel, "caption": "x"}] * size, tmp_path / "shards", prefix=f"s{index}")
+        write_preference_shards(
+            [{"winner": pixel, "loser": pixel, "caption": "x"}] * size, tmp_path / "shards", prefix=f"s{index}"
+        )
     script = Path(__file__).with_name("ddp_record_batches.py")
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / "shards"), str(tmp_path)],
-                            capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "shards"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [rank["batches"] for rank in ranks] == [10, 10]  # 5 per epoch, 2 epochs, on both ranks

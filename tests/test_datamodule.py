@@ -18,11 +18,16 @@ WHITE, BLACK = np.full((8, 8, 3), 255, dtype=np.uint8), np.zeros((8, 8, 3), dtyp
 
 
 def white_wins(num, **metadata):
-    return [{"winner": WHITE, "loser": BLACK, "caption": f"pair {i}", **{k: v(i) for k, v in metadata.items()}} for i in range(num)]
+    return [
+        {"winner": WHITE, "loser": BLACK, "caption": f"pair {i}", **{k: v(i) for k, v in metadata.items()}}
+        for i in range(num)
+    ]
 
 
 def test_streams_fixed_batch_count_with_pixels_in_range(tiny_shards):
-    data = PreferenceDataModule(f"{tiny_shards}/*.tar", batch_size=4, num_workers=0, shuffle_buffer=8, batches_per_epoch=5)
+    data = PreferenceDataModule(
+        f"{tiny_shards}/*.tar", batch_size=4, num_workers=0, shuffle_buffer=8, batches_per_epoch=5
+    )
     batches = list(data.train_dataloader())
     assert len(batches) == 5
     batch = batches[0]
@@ -56,7 +61,10 @@ def test_pair_gets_the_same_crop_and_flip():
 
 
 def test_non_square_resolution_covers_and_crops(tmp_path):
-    write_preference_shards([{"winner": np.zeros((20, 40, 3), np.uint8), "loser": np.zeros((30, 30, 3), np.uint8), "caption": "x"}], tmp_path)
+    write_preference_shards(
+        [{"winner": np.zeros((20, 40, 3), np.uint8), "loser": np.zeros((30, 30, 3), np.uint8), "caption": "x"}],
+        tmp_path,
+    )
     data = PreferenceDataModule(str(tmp_path), val_shards=str(tmp_path), resolution=(8, 12), num_workers=0)
     batch = next(iter(data.val_dataloader()))
     assert batch["pixels_w"].shape == batch["pixels_l"].shape == (1, 3, 8, 12)
@@ -64,7 +72,9 @@ def test_non_square_resolution_covers_and_crops(tmp_path):
 
 def test_label_noise_flips_the_same_pairs_every_epoch(tmp_path):
     write_preference_shards(white_wins(40), tmp_path, samples_per_shard=10)
-    data = PreferenceDataModule(str(tmp_path), batch_size=8, num_workers=0, batches_per_epoch=10, label_noise=0.3, seed=5)
+    data = PreferenceDataModule(
+        str(tmp_path), batch_size=8, num_workers=0, batches_per_epoch=10, label_noise=0.3, seed=5
+    )
     loader = data.train_dataloader()
     seen = {}
     for _ in range(2):  # two epochs: different orders, same flips
@@ -80,8 +90,12 @@ def test_label_noise_flips_the_same_pairs_every_epoch(tmp_path):
 
 
 def test_stored_flips_are_reported_and_user_ids_and_metadata_reach_the_batch(tmp_path):
-    write_preference_shards(white_wins(4, user_id=lambda i: i % 2, label_flipped=lambda i: i == 0, score=lambda i: 0.5 + i), tmp_path)
-    data = PreferenceDataModule(str(tmp_path), val_shards=str(tmp_path), batch_size=4, num_workers=0, metadata_fields=["score"])
+    write_preference_shards(
+        white_wins(4, user_id=lambda i: i % 2, label_flipped=lambda i: i == 0, score=lambda i: 0.5 + i), tmp_path
+    )
+    data = PreferenceDataModule(
+        str(tmp_path), val_shards=str(tmp_path), batch_size=4, num_workers=0, metadata_fields=["score"]
+    )
     batch = next(iter(data.val_dataloader()))
     assert batch["label_flipped"].tolist() == [True, False, False, False]
     assert batch["user_id"].tolist() == [0, 1, 0, 1]
@@ -90,7 +104,9 @@ def test_stored_flips_are_reported_and_user_ids_and_metadata_reach_the_batch(tmp
 
 def test_users_per_batch_groups_pairs_of_few_users(tmp_path):
     write_preference_shards(white_wins(60, user_id=lambda i: i % 5), tmp_path, samples_per_shard=20)
-    data = PreferenceDataModule(str(tmp_path), batch_size=6, users_per_batch=2, num_workers=0, batches_per_epoch=8, shuffle_buffer=20)
+    data = PreferenceDataModule(
+        str(tmp_path), batch_size=6, users_per_batch=2, num_workers=0, batches_per_epoch=8, shuffle_buffer=20
+    )
     for batch in data.train_dataloader():
         users = batch["user_id"].tolist()
         assert len(users) == 6 and users[:3] == [users[0]] * 3 and users[3:] == [users[3]] * 3
@@ -106,10 +122,16 @@ def test_pickapic_defaults():
 def test_corrupt_samples_are_skipped_logged_and_counted(tmp_path, caplog):
     write_preference_shards(white_wins(3), tmp_path)
     shard = next(tmp_path.glob("*.tar"))
-    append_members(shard, [  # a pair whose winner is not an image, and one missing its loser
-        ("bad1.winner.png", b"not a png"), ("bad1.loser.png", b"x"), ("bad1.json", b'{"caption": "c"}'),
-        ("bad2.winner.png", shard.read_bytes()[:0]), ("bad2.json", b'{"caption": "d"}'),
-    ])
+    append_members(
+        shard,
+        [  # a pair whose winner is not an image, and one missing its loser
+            ("bad1.winner.png", b"not a png"),
+            ("bad1.loser.png", b"x"),
+            ("bad1.json", b'{"caption": "c"}'),
+            ("bad2.winner.png", shard.read_bytes()[:0]),
+            ("bad2.json", b'{"caption": "d"}'),
+        ],
+    )
     data = PreferenceDataModule(str(shard), val_shards=str(shard), batch_size=1, num_workers=0)
     prompts = [batch["prompt"][0] for batch in data.val_dataloader()]
     assert prompts == ["pair 0", "pair 1", "pair 2"]
@@ -122,7 +144,9 @@ def test_corrupt_samples_are_skipped_logged_and_counted(tmp_path, caplog):
 def test_skips_are_counted_across_worker_processes(tmp_path):
     for name in ("a", "b"):
         write_preference_shards(white_wins(4), tmp_path, prefix=name)
-        append_members(tmp_path / f"{name}-000000.tar", [(f"{name}bad.winner.png", b"x"), (f"{name}bad.json", b'{"caption": "c"}')])
+        append_members(
+            tmp_path / f"{name}-000000.tar", [(f"{name}bad.winner.png", b"x"), (f"{name}bad.json", b'{"caption": "c"}')]
+        )
     data = PreferenceDataModule(str(tmp_path), val_shards=str(tmp_path), batch_size=2, num_workers=2)
     batches = list(data.loader(data.val_shards, False, num_workers=2))  # one worker per shard
     assert sum(len(batch["key"]) for batch in batches) == 8
@@ -137,15 +161,26 @@ def test_a_stream_of_only_bad_samples_fails_clearly(tmp_path):
 
 
 def test_truncated_shard_and_missing_field_do_not_stop_training(tmp_path, sd_backbone, caplog):
-    pairs = [{"winner": np.full((16, 16, 3), i * 10, np.uint8), "loser": BLACK, "caption": "a red cat"} for i in range(16)]
+    pairs = [
+        {"winner": np.full((16, 16, 3), i * 10, np.uint8), "loser": BLACK, "caption": "a red cat"} for i in range(16)
+    ]
     write_preference_shards(pairs, tmp_path, samples_per_shard=8)
     first, second = sorted(tmp_path.glob("*.tar"))
     data = second.read_bytes()
     second.write_bytes(data[: len(data) // 2 + 100])  # cut mid-member
     append_members(first, [("nolos.winner.png", b"x"), ("nolos.json", b'{"caption": "c"}')])
-    datamodule = PreferenceDataModule(str(tmp_path), batch_size=4, num_workers=0, shuffle_buffer=4, batches_per_epoch=6, seed=1)
-    trainer = pl.Trainer(max_steps=6, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    datamodule = PreferenceDataModule(
+        str(tmp_path), batch_size=4, num_workers=0, shuffle_buffer=4, batches_per_epoch=6, seed=1
+    )
+    trainer = pl.Trainer(
+        max_steps=6,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     with caplog.at_level(logging.WARNING):
         trainer.fit(DiffusionDPO(sd_backbone), datamodule=datamodule)
     assert trainer.global_step == 6

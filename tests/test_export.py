@@ -20,9 +20,14 @@ from lightning_pref.export import build_module, export, export_main
 
 
 def run_config(tiny_sd, path, **options):
-    backbone = {"class_path": "lightning_pref.backbones.StableDiffusionBackbone", "init_args": {"pretrained": str(tiny_sd)}}
+    backbone = {
+        "class_path": "lightning_pref.backbones.StableDiffusionBackbone",
+        "init_args": {"pretrained": str(tiny_sd)},
+    }
     init_args = {"backbone": backbone, "beta": 500.0, "finetune": "lora", "lora_rank": 4, "lr": 1e-2, **options}
-    path.write_text(yaml.safe_dump({"model": {"class_path": "lightning_pref.methods.DiffusionDPO", "init_args": init_args}}))
+    path.write_text(
+        yaml.safe_dump({"model": {"class_path": "lightning_pref.methods.DiffusionDPO", "init_args": init_args}})
+    )
     return path
 
 
@@ -62,8 +67,21 @@ def test_lora_export_loads_into_the_base_pipeline_and_reproduces_the_policy(tiny
 
 def test_merged_lora_is_a_complete_pipeline_with_the_policy_weights(lora_run, tmp_path):
     config, checkpoint, module = lora_run
-    main(["export", "--config", str(config), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "merged"), "--merge-lora"])
-    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "merged", safety_checker=None, requires_safety_checker=False)
+    main(
+        [
+            "export",
+            "--config",
+            str(config),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "merged"),
+            "--merge-lora",
+        ]
+    )
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        tmp_path / "merged", safety_checker=None, requires_safety_checker=False
+    )
     assert not any("lora" in name for name in pipeline.unet.state_dict())
     torch.testing.assert_close(unet_output(pipeline.unet), unet_output(module.denoiser), rtol=1e-4, atol=1e-5)
 
@@ -71,7 +89,11 @@ def test_merged_lora_is_a_complete_pipeline_with_the_policy_weights(lora_run, tm
 def test_a_config_from_another_run_is_refused_by_name(tiny_sd, lora_run, tmp_path):
     _, checkpoint, _ = lora_run
     with pytest.raises(KeyError, match="different runs"):
-        export(run_config(tiny_sd, tmp_path / "rank8.yaml", lora_rank=8, lora_target_modules=["to_q", "ff.net.2"]), checkpoint, tmp_path / "out")
+        export(
+            run_config(tiny_sd, tmp_path / "rank8.yaml", lora_rank=8, lora_target_modules=["to_q", "ff.net.2"]),
+            checkpoint,
+            tmp_path / "out",
+        )
     with pytest.raises(FileNotFoundError, match="missing.ckpt does not exist"):
         export(run_config(tiny_sd, tmp_path / "c.yaml"), tmp_path / "missing.ckpt", tmp_path / "out")
     (tmp_path / "empty.yaml").write_text("trainer: {}\n")

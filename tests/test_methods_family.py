@@ -102,7 +102,9 @@ def test_weights_come_from_the_process_and_are_logged_per_timestep_bucket(tiny_s
 
     per_element = DPOClipMask(StableDiffusionBackbone(str(tiny_sd)))
     mean_weight, _ = per_element.importance_weights(errors)
-    torch.testing.assert_close(mean_weight, per_element.process.log_importance_weight(errors.timesteps, errors.policy_w).exp())
+    torch.testing.assert_close(
+        mean_weight, per_element.process.log_importance_weight(errors.timesteps, errors.policy_w).exp()
+    )
     assert (mean_weight > weight_w).all()
 
 
@@ -162,8 +164,12 @@ def test_kto_on_unpaired_samples_draws_noise_per_sample_and_routes_labels(sd_bac
     pixels = torch.rand(1, 3, 16, 16).expand(4, 3, 16, 16) * 2 - 1  # one image, four times, same prompt
     batch = {"pixels": pixels, "label": torch.tensor([1, 0, 1, 0]), "prompt": ["a red cat"] * 4}
     logged = {}
-    monkeypatch.setattr(module, "log_metrics", lambda stage, loss, metrics, batch_size: logged.update(metrics, loss=loss))
-    monkeypatch.setattr(module, "step_randomness", lambda batch, batch_idx, stage: PairRandomness.for_pairs((3,), range(4)))
+    monkeypatch.setattr(
+        module, "log_metrics", lambda stage, loss, metrics, batch_size: logged.update(metrics, loss=loss)
+    )
+    monkeypatch.setattr(
+        module, "step_randomness", lambda batch, batch_idx, stage: PairRandomness.for_pairs((3,), range(4))
+    )
     loss = module.preference_step(batch, 0, "train")
 
     random = PairRandomness.for_pairs((3,), range(4))  # the same streams, by hand
@@ -184,7 +190,10 @@ def test_kto_fits_on_the_unpaired_datamodule(sd_backbone, tmp_path):
     from lightning_pref.datamodules import UnpairedDataModule, write_unpaired_shards
 
     rng = np.random.default_rng(0)
-    samples = [{"image": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), "caption": f"a cat {i}", "label": i % 2} for i in range(8)]
+    samples = [
+        {"image": rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), "caption": f"a cat {i}", "label": i % 2}
+        for i in range(8)
+    ]
     write_unpaired_shards(samples, tmp_path / "shards")
     module = DiffusionKTO(sd_backbone, lr=1e-3)
     before = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
@@ -225,8 +234,12 @@ def test_safeguard_scales_only_the_loser_gradient_and_logs_lambda(tiny_sd):
     scale = guarded_errors.loser_gradient_scale
     assert scale.shape == (4,) and 0 < scale[0] < 1 and (scale == scale[0]).all()  # `batch` scope: one lambda
     torch.testing.assert_close(guarded_errors.policy_l, errors.policy_l)  # values untouched
-    torch.testing.assert_close(lora_gradient(guarded, guarded_errors.policy_l.sum()), scale[0] * lora_gradient(plain, errors.policy_l.sum()))
-    torch.testing.assert_close(lora_gradient(guarded, guarded_errors.policy_w.sum()), lora_gradient(plain, errors.policy_w.sum()))
+    torch.testing.assert_close(
+        lora_gradient(guarded, guarded_errors.policy_l.sum()), scale[0] * lora_gradient(plain, errors.policy_l.sum())
+    )
+    torch.testing.assert_close(
+        lora_gradient(guarded, guarded_errors.policy_w.sum()), lora_gradient(plain, errors.policy_w.sum())
+    )
     assert guarded.cross_method_metrics(guarded_errors)["loser_gradient_scale"] == scale.mean()
 
 

@@ -62,7 +62,12 @@ def test_every_step_micro_batch_and_pair_draws_its_own_stream(sd_backbone):
         module._trainer = SimpleNamespace(accumulate_grad_batches=256, global_step=step, global_rank=rank, world_size=2)
         return module.step_randomness(batch, batch_idx, "train").uniform().tolist()
 
-    draws = [value for step in range(3) for batch_idx in range(step * 256, step * 256 + 256) for value in first_draws(step, 0, batch_idx)]
+    draws = [
+        value
+        for step in range(3)
+        for batch_idx in range(step * 256, step * 256 + 256)
+        for value in first_draws(step, 0, batch_idx)
+    ]
     assert len(set(draws)) == len(draws) == 3 * 256 * 4
     one_rank = first_draws(5, 0, 7) + first_draws(5, 1, 7)  # ranks 0 and 1 of 4 pairs each: global pairs 0-7
     module._trainer = SimpleNamespace(accumulate_grad_batches=256, global_step=5, global_rank=0, world_size=1)
@@ -157,7 +162,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_sd, finetune):
     """
 
     def new_module():
-        return DiffusionDPO(StableDiffusionBackbone(str(tiny_sd)), finetune=finetune, lr=1e-3, warmup_steps=3, caption_dropout=0.3)
+        return DiffusionDPO(
+            StableDiffusionBackbone(str(tiny_sd)), finetune=finetune, lr=1e-3, warmup_steps=3, caption_dropout=0.3
+        )
 
     same_batches = DataLoader(random_pairs(4) * 4, batch_size=4)
     straight = new_module()
@@ -194,7 +201,9 @@ def test_missing_batch_field_is_a_clear_error(tmp_path, sd_backbone):
     with pytest.raises(DataError, match="'pixels_l'.*DataModule"):
         module.prepare_pairs(batch, PairRandomness.for_pairs((0,), range(2)))
     with pytest.raises(DataError, match="no 'prompt' field"):
-        module.prepare_pairs({"pixels_w": batch["pixels_w"], "pixels_l": batch["pixels_w"]}, PairRandomness.for_pairs((0,), range(2)))
+        module.prepare_pairs(
+            {"pixels_w": batch["pixels_w"], "pixels_l": batch["pixels_w"]}, PairRandomness.for_pairs((0,), range(2))
+        )
 
 
 def test_method_refuses_a_backbone_it_is_not_defined_for(sd_backbone):
@@ -257,5 +266,7 @@ def test_gradient_checkpointing_follows_the_backbone_unless_set(sd_backbone, tmp
 
     video = CogVideoXBackbone(str(write_tiny_cogvideox_pipeline(tmp_path / "cog")))
     assert DiffusionDPO(video).denoiser.gradient_checkpointing  # billion-parameter family: on by default
-    assert not DiffusionDPO(CogVideoXBackbone(str(tmp_path / "cog")), gradient_checkpointing=False).denoiser.gradient_checkpointing
+    assert not DiffusionDPO(
+        CogVideoXBackbone(str(tmp_path / "cog")), gradient_checkpointing=False
+    ).denoiser.gradient_checkpointing
     assert not any(getattr(m, "gradient_checkpointing", False) for m in DiffusionDPO(sd_backbone).denoiser.modules())

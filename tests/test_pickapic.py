@@ -25,10 +25,23 @@ def jpeg(value: int) -> bytes:
 
 def row(caption, label_0, jpg_0=None, jpg_1=None, **extra):
     return {
-        "caption": caption, "jpg_0": jpg_0 or jpeg(250), "jpg_1": jpg_1 or jpeg(10),
-        "label_0": label_0, "label_1": 1 - label_0, "has_label": True, "are_different": True,
-        "user_id": 7, "ranking_id": 100, "best_image_uid": "u0", "image_0_uid": "u0", "image_1_uid": "u1",
-        "model_0": "sdxl", "model_1": "sd15", "created_at": "2023-05-01", "num_example_per_prompt": 1, **extra,
+        "caption": caption,
+        "jpg_0": jpg_0 or jpeg(250),
+        "jpg_1": jpg_1 or jpeg(10),
+        "label_0": label_0,
+        "label_1": 1 - label_0,
+        "has_label": True,
+        "are_different": True,
+        "user_id": 7,
+        "ranking_id": 100,
+        "best_image_uid": "u0",
+        "image_0_uid": "u0",
+        "image_1_uid": "u1",
+        "model_0": "sdxl",
+        "model_1": "sd15",
+        "created_at": "2023-05-01",
+        "num_example_per_prompt": 1,
+        **extra,
     }
 
 
@@ -50,8 +63,16 @@ def parquet_dir(tmp_path):
 
 def test_winner_first_ties_dropped_corrupt_skipped_and_counted(parquet_dir, tmp_path):
     totals = convert_pickapic(parquet_dir, tmp_path / "out")
-    assert totals == {"rows": 5, "written": 2, "ties_dropped": 1, "unlabelled": 1, "identical": 0, "corrupt": 1,
-                      "rejected_labels": 0, "rejected_captions": 0}
+    assert totals == {
+        "rows": 5,
+        "written": 2,
+        "ties_dropped": 1,
+        "unlabelled": 1,
+        "identical": 0,
+        "corrupt": 1,
+        "rejected_labels": 0,
+        "rejected_captions": 0,
+    }
     samples = read_samples(tmp_path / "out")
     metadata = [json.loads(sample["json"]) for sample in samples]
     assert [m["caption"] for m in metadata] == ["image 0 wins", "image 1 wins"]
@@ -59,7 +80,13 @@ def test_winner_first_ties_dropped_corrupt_skipped_and_counted(parquet_dir, tmp_
     assert metadata[1]["user_id"] == 7 and metadata[1]["image_1_uid"] == "u1"
     for sample in samples:  # the bright image won both times; bytes are the originals
         assert sample["winner.jpg"] == jpeg(250) and sample["loser.jpg"] == jpeg(10)
-    batch = next(iter(PreferenceDataModule(f"{tmp_path}/out/*.tar", val_shards=f"{tmp_path}/out/*.tar", batch_size=2, num_workers=0).val_dataloader()))
+    batch = next(
+        iter(
+            PreferenceDataModule(
+                f"{tmp_path}/out/*.tar", val_shards=f"{tmp_path}/out/*.tar", batch_size=2, num_workers=0
+            ).val_dataloader()
+        )
+    )
     assert (batch["pixels_w"] > batch["pixels_l"]).all()
 
 
@@ -90,7 +117,9 @@ def test_a_shard_the_file_did_not_write_is_never_overwritten(parquet_dir, tmp_pa
     out = tmp_path / "out"
     convert_pickapic(parquet_dir, out)
     (out / "train-0.done.json").unlink()  # the shard is no longer known to be train-0.parquet's
-    with pytest.raises(DataError, match=r"train-0-000000.tar exists but was not written for .*train-0.parquet: move it out"):
+    with pytest.raises(
+        DataError, match=r"train-0-000000.tar exists but was not written for .*train-0.parquet: move it out"
+    ):
         convert_pickapic(parquet_dir, out)
     assert len(read_samples(out)) == 2
     (out / "train-0-000000.tar").unlink()  # moved away: the rerun publishes the finished conversion it kept
@@ -111,8 +140,20 @@ def test_no_parquet_is_a_clear_error(tmp_path):
 
 def test_command_line(parquet_dir, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_pref.cli", "data", "pickapic", "--source", str(parquet_dir), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "lightning_pref.cli",
+            "data",
+            "pickapic",
+            "--source",
+            str(parquet_dir),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["written"] == 2
@@ -121,8 +162,20 @@ def test_command_line(parquet_dir, tmp_path):
 def test_a_command_that_keeps_nothing_fails_in_one_line(tmp_path):
     pq.write_table(pa.Table.from_pylist([row("a tie", 0.5)]), tmp_path / "ties.parquet")
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_pref.cli", "data", "pickapic", "--source", str(tmp_path / "ties.parquet"), "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "lightning_pref.cli",
+            "data",
+            "pickapic",
+            "--source",
+            str(tmp_path / "ties.parquet"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "ties.parquet kept no pair (1 row(s), of which 1 ties_dropped): --ties keep" in result.stderr

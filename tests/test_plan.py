@@ -17,10 +17,23 @@ from lightning_pref import plan
 from lightning_pref.cli import main
 
 TINY = {
-    "cogvideox": {**plan.PRESETS["cogvideox-5b"], "num_attention_heads": 2, "attention_head_dim": 16,
-                  "num_layers": 2, "text_embed_dim": 32, "time_embed_dim": 16},
-    "wan": {**plan.PRESETS["wan2.1-1.3b"], "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2,
-            "text_dim": 32, "ffn_dim": 64, "freq_dim": 16},
+    "cogvideox": {
+        **plan.PRESETS["cogvideox-5b"],
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "num_layers": 2,
+        "text_embed_dim": 32,
+        "time_embed_dim": 16,
+    },
+    "wan": {
+        **plan.PRESETS["wan2.1-1.3b"],
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "num_layers": 2,
+        "text_dim": 32,
+        "ffn_dim": 64,
+        "freq_dim": 16,
+    },
 }
 TINY_SHAPE = plan.VideoShape(frames=9, height=32, width=48, text_tokens=7)  # 3x4x6 latents
 
@@ -33,6 +46,7 @@ def real_model(config: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
 
 def real_inputs(meta_inputs: dict) -> dict:
     """The recipe's meta inputs as zero tensors on the CPU."""
+
     def real(value):
         if isinstance(value, tuple):
             return tuple(real(item) for item in value)
@@ -53,8 +67,12 @@ def test_lora_count_matches_peft_on_the_real_model_and_the_linear_shapes(family)
     meta = plan.add_lora(plan.build_on_meta(config), rank, plan.LORA_TARGETS)
 
     real = real_model(config).requires_grad_(False)
-    adapted = [module for name, module in real.named_modules() if isinstance(module, nn.Linear)
-               and any(name == target or name.endswith("." + target) for target in plan.LORA_TARGETS)]
+    adapted = [
+        module
+        for name, module in real.named_modules()
+        if isinstance(module, nn.Linear)
+        and any(name == target or name.endswith("." + target) for target in plan.LORA_TARGETS)
+    ]
     real.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(plan.LORA_TARGETS)))
 
     from_shapes = sum(rank * (linear.in_features + linear.out_features) for linear in adapted)
@@ -103,8 +121,9 @@ def test_activations_measured_on_meta_equal_the_real_forward(family, finetune, m
 def test_activations_grow_with_the_batch_and_shared_tensors_count_once():
     """Per-sample tensors grow with the batch; the rotary embeddings every block shares are counted once."""
     model = plan.build_on_meta(TINY["cogvideox"])
-    one, two, three = (plan.measure_activations(model, plan.cogvideox_inputs(model, TINY_SHAPE, samples))
-                       for samples in (1, 2, 3))
+    one, two, three = (
+        plan.measure_activations(model, plan.cogvideox_inputs(model, TINY_SHAPE, samples)) for samples in (1, 2, 3)
+    )
     rotary = 2 * 18 * 16 * 4  # cos and sin, (tokens, head dim), fp32
     assert three.block_inputs - two.block_inputs == two.block_inputs - one.block_inputs == one.block_inputs - rotary
     assert two.one_block == 2 * one.one_block
@@ -116,14 +135,17 @@ def test_model_states_are_deepspeeds_estimates(strategy, gpus, nodes):
     trained, largest = 5_000_000_000, 40_000_000
     offload = strategy.endswith("_offload")
     if strategy == "ddp":
-        expected = (estimate_zero2_model_states_mem_needs(trained, 1, 1, cpu_offload=False)[1],
-                    estimate_zero2_model_states_mem_needs(trained, gpus, nodes, cpu_offload=False)[0])
+        expected = (
+            estimate_zero2_model_states_mem_needs(trained, 1, 1, cpu_offload=False)[1],
+            estimate_zero2_model_states_mem_needs(trained, gpus, nodes, cpu_offload=False)[0],
+        )
     elif strategy.startswith("zero2"):
         cpu, gpu = estimate_zero2_model_states_mem_needs(trained, gpus, nodes, cpu_offload=offload)
         expected = (gpu, cpu)
     else:
-        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(trained, largest, gpus, nodes, cpu_offload=offload,
-                                                            cpu_offload_params=offload)
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            trained, largest, gpus, nodes, cpu_offload=offload, cpu_offload_params=offload
+        )
         expected = (gpu, cpu)
     assert plan.model_states(trained, largest, strategy, gpus, nodes) == expected
     if strategy == "ddp":  # nothing partitioned: 2 bytes of half weights + 18 of gradients, master weights, Adam
@@ -131,8 +153,9 @@ def test_model_states_are_deepspeeds_estimates(strategy, gpus, nodes):
 
 
 def tiny_plan(finetune="lora", strategy="zero3", gpus=8, nodes=1, objective="dpo", family="cogvideox"):
-    return plan.plan_memory(family, TINY[family], finetune, strategy, gpus, nodes, objective, shape=TINY_SHAPE,
-                            lora_rank=4)
+    return plan.plan_memory(
+        family, TINY[family], finetune, strategy, gpus, nodes, objective, shape=TINY_SHAPE, lora_rank=4
+    )
 
 
 def test_zero3_partitions_more_with_more_gpus_and_zero2_keeps_the_frozen_weights_whole():
@@ -198,10 +221,19 @@ def test_a_config_file_of_any_class_plans_without_activations(tmp_path, capsys):
     known.parent.mkdir(parents=True)
     known.write_text(json.dumps(TINY["wan"]))
     other = tmp_path / "config.json"
-    other.write_text(json.dumps({"_class_name": "UNet2DConditionModel", "block_out_channels": [32, 64],
-                                 "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-                                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 32,
-                                 "layers_per_block": 1, "sample_size": 8}))
+    other.write_text(
+        json.dumps(
+            {
+                "_class_name": "UNet2DConditionModel",
+                "block_out_channels": [32, 64],
+                "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+                "cross_attention_dim": 32,
+                "layers_per_block": 1,
+                "sample_size": 8,
+            }
+        )
+    )
     plan.plan_main(["--config", str(known), "--strategy", "ddp", "--frames", "9", "--height", "32", "--width", "48"])
     assert "n/a" not in capsys.readouterr().out
     plan.plan_main(["--config", str(other), "--strategy", "ddp"])

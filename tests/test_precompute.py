@@ -18,7 +18,9 @@ from lightning_pref.methods import DiffusionDPO
 
 @pytest.mark.parametrize("variant", ["sd", "sdxl"])
 def test_shards_hold_posterior_mode_latents_and_the_prompt_tensors(variant, tiny_sd, tiny_sdxl, tiny_shards, tmp_path):
-    backbone = (StableDiffusionBackbone(str(tiny_sd)) if variant == "sd" else StableDiffusionXLBackbone(str(tiny_sdxl))).eval()
+    backbone = (
+        StableDiffusionBackbone(str(tiny_sd)) if variant == "sd" else StableDiffusionXLBackbone(str(tiny_sdxl))
+    ).eval()
     counts = precompute_shards(backbone, str(tiny_shards), tmp_path, batch_size=5, dtype="float32")
     assert counts == {"shards": 3, "shards_already_done": 0, "written": 24, "skipped": 0}
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == sorted(p.name for p in tiny_shards.glob("*.tar"))
@@ -26,7 +28,13 @@ def test_shards_hold_posterior_mode_latents_and_the_prompt_tensors(variant, tiny
     assert stored["json"] == source["json"]
     tensors = load_safetensors(stored["latents.safetensors"])
     assert set(tensors) == {"latents_w", "latents_l", *backbone.prompt_keys}
-    batch = next(iter(PreferenceDataModule(str(tiny_shards), val_shards=str(tiny_shards), batch_size=1, num_workers=0).val_dataloader()))
+    batch = next(
+        iter(
+            PreferenceDataModule(
+                str(tiny_shards), val_shards=str(tiny_shards), batch_size=1, num_workers=0
+            ).val_dataloader()
+        )
+    )
     torch.testing.assert_close(tensors["latents_w"], backbone.encode_pixels(batch["pixels_w"])[0], atol=1e-5, rtol=1e-4)
     prompts = backbone.encode_prompts(batch["prompt"])
     for key in backbone.prompt_keys:
@@ -58,8 +66,16 @@ def fit_losses(backbone, shards, tmp_path):
             record.append((batch["key"], "latents_w" in batch, outputs["loss"].item()))
 
     data = PreferenceDataModule(str(shards), batch_size=4, num_workers=0, shuffle_buffer=8, batches_per_epoch=3)
-    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path, callbacks=[Record()])
+    trainer = pl.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[Record()],
+    )
     module = DiffusionDPO(backbone, lr=1e-3)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # LoRA B starts at zero (loss = log 2 for any data): give the policy an offset
@@ -71,7 +87,9 @@ def fit_losses(backbone, shards, tmp_path):
 
 
 def test_a_run_on_precomputed_latents_matches_the_run_that_encodes(tiny_sd, tiny_shards, tmp_path):
-    precompute_shards(StableDiffusionBackbone(str(tiny_sd)), str(tiny_shards), tmp_path / "latents", dtype="float32", batch_size=1)
+    precompute_shards(
+        StableDiffusionBackbone(str(tiny_sd)), str(tiny_shards), tmp_path / "latents", dtype="float32", batch_size=1
+    )
     on_pixels = fit_losses(PairAtATimeBackbone(str(tiny_sd)), tiny_shards, tmp_path)
     on_latents = fit_losses(StableDiffusionBackbone(str(tiny_sd)), tmp_path / "latents", tmp_path)
     assert [keys for keys, _, _ in on_pixels] == [keys for keys, _, _ in on_latents]  # the same pairs, in order
@@ -82,13 +100,30 @@ def test_a_run_on_precomputed_latents_matches_the_run_that_encodes(tiny_sd, tiny
 
 
 def test_command_line_npy_files_and_resume(tiny_sd, tiny_shards, tmp_path, capsys):
-    args = ["precompute", "--backbone", "StableDiffusionBackbone", "--pretrained", str(tiny_sd), "--in", str(tiny_shards),
-            "--out", str(tmp_path), "--format", "npy", "--dtype", "float16", "--batch-size", "8"]
+    args = [
+        "precompute",
+        "--backbone",
+        "StableDiffusionBackbone",
+        "--pretrained",
+        str(tiny_sd),
+        "--in",
+        str(tiny_shards),
+        "--out",
+        str(tmp_path),
+        "--format",
+        "npy",
+        "--dtype",
+        "float16",
+        "--batch-size",
+        "8",
+    ]
     data_main(args)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 24
     stored = read_samples(tmp_path)[0]
     assert {"latents_w.npy", "latents_l.npy", "encoder_hidden_states.npy", "json"} == set(stored)
-    batch = next(iter(PreferenceDataModule(str(tmp_path), batch_size=4, num_workers=0, batches_per_epoch=1).train_dataloader()))
+    batch = next(
+        iter(PreferenceDataModule(str(tmp_path), batch_size=4, num_workers=0, batches_per_epoch=1).train_dataloader())
+    )
     assert batch["latents_w"].shape == (4, 4, 8, 8) and batch["latents_w"].dtype == torch.float32
     assert batch["encoder_hidden_states"].shape[0] == 4 and "pixels_w" not in batch
     data_main(args)  # a rerun skips finished shards
@@ -97,16 +132,23 @@ def test_command_line_npy_files_and_resume(tiny_sd, tiny_shards, tmp_path, capsy
 
 def test_backbone_from_a_fit_config(tiny_sd, tmp_path):
     config = tmp_path / "fit.yaml"
-    config.write_text(f"model:\n  init_args:\n    backbone:\n      class_path: lightning_pref.backbones.StableDiffusionBackbone\n"
-                      f"      init_args:\n        pretrained: {tiny_sd}\n")
+    config.write_text(
+        f"model:\n  init_args:\n    backbone:\n      class_path: lightning_pref.backbones.StableDiffusionBackbone\n"
+        f"      init_args:\n        pretrained: {tiny_sd}\n"
+    )
     assert isinstance(load_backbone(str(config)), StableDiffusionBackbone)
     with pytest.raises(ValueError, match="no such class"):
         load_backbone("NoSuchBackbone", str(tiny_sd))
 
 
 def test_unpaired_shards_precompute_to_single_latents(sd_backbone, tmp_path):
-    write_unpaired_shards([{"image": np.zeros((16, 16, 3), np.uint8), "caption": "a cat", "label": i % 2} for i in range(3)], tmp_path / "px")
+    write_unpaired_shards(
+        [{"image": np.zeros((16, 16, 3), np.uint8), "caption": "a cat", "label": i % 2} for i in range(3)],
+        tmp_path / "px",
+    )
     precompute_shards(sd_backbone, str(tmp_path / "px"), tmp_path / "latents")
-    data = UnpairedDataModule(str(tmp_path / "latents"), val_shards=str(tmp_path / "latents"), batch_size=3, num_workers=0)
+    data = UnpairedDataModule(
+        str(tmp_path / "latents"), val_shards=str(tmp_path / "latents"), batch_size=3, num_workers=0
+    )
     batch = next(iter(data.val_dataloader()))
     assert batch["latents"].shape == (3, 4, 8, 8) and batch["label"].tolist() == [0, 1, 0]

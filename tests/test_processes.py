@@ -6,7 +6,9 @@ from lightning_pref.processes import DDPMProcess, FlowMatchingProcess
 
 
 def scheduler(prediction_type="epsilon"):
-    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    return DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type
+    )
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -67,8 +69,12 @@ def test_bad_options_raise_clear_errors():
 
 @pytest.mark.parametrize(
     "process",
-    [DDPMProcess(DDPMScheduler().config), DDPMProcess(DDPMScheduler().config, timestep_range=(0.2, 0.6)),
-     FlowMatchingProcess(), FlowMatchingProcess(shift=3.0, time_sampling="logit_normal", logit_mean=0.5)],
+    [
+        DDPMProcess(DDPMScheduler().config),
+        DDPMProcess(DDPMScheduler().config, timestep_range=(0.2, 0.6)),
+        FlowMatchingProcess(),
+        FlowMatchingProcess(shift=3.0, time_sampling="logit_normal", logit_mean=0.5),
+    ],
     ids=["ddpm", "ddpm-range", "flow", "flow-logit-normal-shifted"],
 )
 def test_timesteps_at_uniform_quantiles_follow_the_sampling_distribution(process):
@@ -86,5 +92,8 @@ def test_stratified_timesteps_cover_every_stratum_and_agree_across_ranks():
     process = DDPMProcess(DDPMScheduler().config)
     whole = PairRandomness.for_pairs(("s",), range(8), total=8).timesteps(process, stratified=True)
     assert sorted((whole // 125).tolist()) == list(range(8))  # one timestep in each eighth of [0, 1000)
-    halves = [PairRandomness.for_pairs(("s",), range(r * 4, r * 4 + 4), total=8).timesteps(process, stratified=True) for r in (0, 1)]
+    halves = [
+        PairRandomness.for_pairs(("s",), range(r * 4, r * 4 + 4), total=8).timesteps(process, stratified=True)
+        for r in (0, 1)
+    ]
     torch.testing.assert_close(torch.cat(halves), whole, rtol=0, atol=0)  # two ranks of 4 pairs draw what one of 8 does

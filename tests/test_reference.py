@@ -39,7 +39,9 @@ def test_an_installed_snapshot_is_the_reference_until_the_next(sd_backbone, fine
     assert not torch.allclose(moved, policy)
     torch.testing.assert_close(still, reference, rtol=0, atol=0)
     assert {name for name, p in module.named_parameters() if p.requires_grad} == trainable  # nothing new trains
-    assert module.trained_state_keys() >= trainable and not any(".reference." in key for key in module.trained_state_keys())
+    assert module.trained_state_keys() >= trainable and not any(
+        ".reference." in key for key in module.trained_state_keys()
+    )
 
     module.reference.install(module.trained_weights())  # a second install replaces the first
     policy, reference = predictions(module, sd_backbone)

@@ -58,8 +58,10 @@ def test_warmth_orders_the_palette_from_red_to_blue():
         assert scores.max() - scores.min() < 0.02, f"{color}: warmth should not depend on shape or background"
         warmth[color] = scores.mean().item()
     assert warmth["red"] > warmth["orange"] > warmth["yellow"] > warmth["green"] > warmth["blue"]
-    assert min(warmth["red"], warmth["orange"], warmth["yellow"]) > 0.5 > max(
-        warmth["green"], warmth["blue"], warmth["purple"]
+    assert (
+        min(warmth["red"], warmth["orange"], warmth["yellow"])
+        > 0.5
+        > max(warmth["green"], warmth["blue"], warmth["purple"])
     )
 
 

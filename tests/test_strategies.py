@@ -41,17 +41,49 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def fit(pipeline: Path, out: Path, strategy: str, finetune: str, devices: int = 1, nodes: int = 1,
-        resume: Path | None = None, backbone: str = "sd", precision: str = "32-true"):
+def fit(
+    pipeline: Path,
+    out: Path,
+    strategy: str,
+    finetune: str,
+    devices: int = 1,
+    nodes: int = 1,
+    resume: Path | None = None,
+    backbone: str = "sd",
+    precision: str = "32-true",
+):
     """Run the script (one launch per node) and return the per-rank records, rank 0 first."""
     out.mkdir(parents=True)
-    command = [sys.executable, str(SCRIPT), str(pipeline), str(out), "--strategy", strategy, "--finetune", finetune,
-               "--devices", str(devices), "--nodes", str(nodes), "--backbone", backbone, "--precision", precision]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        str(pipeline),
+        str(out),
+        "--strategy",
+        strategy,
+        "--finetune",
+        finetune,
+        "--devices",
+        str(devices),
+        "--nodes",
+        str(nodes),
+        "--backbone",
+        backbone,
+        "--precision",
+        precision,
+    ]
     if resume is not None:
         command += ["--resume", str(resume)]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     launches = [
-        subprocess.Popen(command, env={**env, "NODE_RANK": str(node)}, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            command,
+            env={**env, "NODE_RANK": str(node)},
+            cwd=out,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for node in range(nodes)
     ]
     for launch in launches:
@@ -62,9 +94,14 @@ def fit(pipeline: Path, out: Path, strategy: str, finetune: str, devices: int = 
 
 def write_run_config(pipeline: Path, directory: Path, finetune: str) -> Path:
     """The model section of a config equivalent to the script's module."""
-    backbone = {"class_path": "lightning_pref.backbones.StableDiffusionBackbone", "init_args": {"pretrained": str(pipeline)}}
-    model = {"class_path": "lightning_pref.methods.DiffusionDPO",
-             "init_args": {"backbone": backbone, "beta": 500.0, "finetune": finetune, "lr": 1e-3, "seed": 7}}
+    backbone = {
+        "class_path": "lightning_pref.backbones.StableDiffusionBackbone",
+        "init_args": {"pretrained": str(pipeline)},
+    }
+    model = {
+        "class_path": "lightning_pref.methods.DiffusionDPO",
+        "init_args": {"backbone": backbone, "beta": 500.0, "finetune": finetune, "lr": 1e-3, "seed": 7},
+    }
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump({"model": model}))
     return path
@@ -81,7 +118,10 @@ BETA = 500.0  # tests/distributed_fit.py's
 
 def global_errors(records: list[dict], step: str) -> dict[str, list[float]]:
     """One step's per-sample errors of the whole global batch: rank ``r`` holds the ``r``-th slice of the pairs."""
-    return {name: [value for record in records for value in record["errors"][step][name]] for name in records[0]["errors"][step]}
+    return {
+        name: [value for record in records for value in record["errors"][step][name]]
+        for name in records[0]["errors"][step]
+    }
 
 
 def mean_losses(records: list[dict]) -> dict[str, float]:
@@ -97,9 +137,19 @@ def assert_same_run(records: list[dict], expected: list[dict]) -> None:
     for step in losses:
         actual, wanted = global_errors(records, step), global_errors(expected, step)
         for name in wanted:
-            torch.testing.assert_close(torch.tensor(actual[name]), torch.tensor(wanted[name]), rtol=ERROR_RTOL, atol=0, msg=f"step {step} {name}")
+            torch.testing.assert_close(
+                torch.tensor(actual[name]),
+                torch.tensor(wanted[name]),
+                rtol=ERROR_RTOL,
+                atol=0,
+                msg=f"step {step} {name}",
+            )
         largest = max(abs(value) for values in wanted.values() for value in values)
-        assert abs(losses[step] - expected_losses[step]) <= BETA / 2 * 4 * ERROR_RTOL * largest, (step, losses, expected_losses)
+        assert abs(losses[step] - expected_losses[step]) <= BETA / 2 * 4 * ERROR_RTOL * largest, (
+            step,
+            losses,
+            expected_losses,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +205,11 @@ def test_lora_reference_is_the_sharded_policy_without_adapters(pipeline, single_
 
 @pytest.mark.parametrize(("backbone", "strategy"), [("cogvideox", "zero3"), ("wan", "fsdp2"), ("sd3", "zero3")])
 def test_video_and_flow_backbones_shard_and_match_one_process(tmp_path, backbone, strategy):
-    writer = {"cogvideox": write_tiny_cogvideox_pipeline, "wan": write_tiny_wan_pipeline, "sd3": write_tiny_sd3_pipeline}[backbone]
+    writer = {
+        "cogvideox": write_tiny_cogvideox_pipeline,
+        "wan": write_tiny_wan_pipeline,
+        "sd3": write_tiny_sd3_pipeline,
+    }[backbone]
     pipeline = writer(tmp_path / "pipeline")
     single = fit(pipeline, tmp_path / "single", "single", "full", backbone=backbone)
     records = fit(pipeline, tmp_path / "run", strategy, "full", devices=2, backbone=backbone)
@@ -169,7 +223,9 @@ def test_a_zero2_bf16_full_fine_tune_runs_its_replicated_reference_in_bf16(pipel
     records = fit(pipeline, tmp_path / "run", "zero2", "full", devices=2, precision="bf16-mixed")
     losses = mean_losses(records)
     assert all(math.isfinite(loss) for loss in losses.values()) and losses["4"] != losses["1"]
-    assert all(record["reference_change"] == 0.0 and record["reference_dtype"] == "torch.bfloat16" for record in records)
+    assert all(
+        record["reference_change"] == 0.0 and record["reference_dtype"] == "torch.bfloat16" for record in records
+    )
 
 
 def test_two_simulated_nodes_match_one_process(pipeline, single_process, tmp_path):
@@ -182,8 +238,14 @@ PRESETS = sorted((Path(__file__).resolve().parents[1] / "examples" / "strategies
 
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(SCRIPT.with_name("cli_entry.py")), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT.with_name("cli_entry.py")), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_every_strategy_preset_composes_with_a_run_config(tiny_sd, tiny_shards, tmp_path):
@@ -192,8 +254,11 @@ def test_every_strategy_preset_composes_with_a_run_config(tiny_sd, tiny_shards, 
     for preset in PRESETS:
         result = cli(["fit", "--config", str(config), "--config", str(preset), "--print_config"], tmp_path)
         assert result.returncode == 0, (preset.name, result.stderr[-2000:])
-        printed = result.stdout[result.stdout.index("seed_everything"):]  # after DeepSpeed's start-up log lines
-        strategy, wanted = yaml.safe_load(printed)["trainer"]["strategy"], yaml.safe_load(preset.read_text())["trainer"]["strategy"]
+        printed = result.stdout[result.stdout.index("seed_everything") :]  # after DeepSpeed's start-up log lines
+        strategy, wanted = (
+            yaml.safe_load(printed)["trainer"]["strategy"],
+            yaml.safe_load(preset.read_text())["trainer"]["strategy"],
+        )
         if isinstance(wanted, str):
             assert strategy == wanted
         else:  # the printed config spells out every default besides the preset's choices
@@ -204,8 +269,22 @@ def test_every_strategy_preset_composes_with_a_run_config(tiny_sd, tiny_shards, 
 def test_zero2_preset_fits_on_two_processes_through_the_cli(tiny_sd, tiny_shards, tmp_path):
     config = write_config(tiny_config(tiny_sd, tiny_shards, tmp_path), tmp_path)
     preset = [p for p in PRESETS if p.stem == "zero2"][0]
-    result = cli(["fit", "--config", str(config), "--config", str(preset), "--trainer.devices", "2",
-                  "--trainer.precision", "32", "--trainer.enable_checkpointing", "true"], tmp_path)
+    result = cli(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--config",
+            str(preset),
+            "--trainer.devices",
+            "2",
+            "--trainer.precision",
+            "32",
+            "--trainer.enable_checkpointing",
+            "true",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "latest").exists()  # a DeepSpeed checkpoint directory
@@ -215,12 +294,33 @@ def test_torchrun_launch_script_runs_two_simulated_nodes(tiny_sd, tiny_shards, t
     config = write_config(tiny_config(tiny_sd, tiny_shards, tmp_path), tmp_path)
     preset = [p for p in PRESETS if p.stem == "ddp"][0]
     script = Path(__file__).resolve().parents[1] / "examples" / "launch" / "torchrun.sh"
-    env = {**os.environ, "NNODES": "2", "GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
-           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {
+        **os.environ,
+        "NNODES": "2",
+        "GPUS_PER_NODE": "1",
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
     nodes = [
-        subprocess.Popen(["bash", str(script), str(config), str(preset), "--trainer.accelerator", "cpu", "--trainer.precision", "32"],
-                         env={**env, "NODE_RANK": str(node)}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [
+                "bash",
+                str(script),
+                str(config),
+                str(preset),
+                "--trainer.accelerator",
+                "cpu",
+                "--trainer.precision",
+                "32",
+            ],
+            env={**env, "NODE_RANK": str(node)},
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for node in range(2)
     ]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]

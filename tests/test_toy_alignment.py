@@ -11,8 +11,13 @@ TINY = ["--seeds", "0", "1", "--eval-seeds", "2", "--pairs", "16", "--heldout-pa
 
 
 def run(args, tmp_path):
-    return subprocess.run([sys.executable, str(SCRIPT), *args, "--out", str(tmp_path)], cwd=REPO, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_rows_record_their_code_drift_and_difference_from_diffusion_dpo_and_never_mix_code(tmp_path):
@@ -25,7 +30,7 @@ def test_rows_record_their_code_drift_and_difference_from_diffusion_dpo_and_neve
         assert 0.0 <= run_["win_rate"] <= 1.0 and run_["samples"] == 8
         assert {"winner_error_change", "loser_error_change"} <= run_.keys() and isinstance(run_["collapsed"], bool)
     assert [run_["seed"] for run_ in kto["runs"]] == [0, 1]
-    table = result.stdout[result.stdout.index("| method |"):]
+    table = result.stdout[result.stdout.index("| method |") :]
     assert "| diffusion_dpo | 2 |" in table and "(baseline)" in table
     kto_row = next(line for line in table.splitlines() if line.startswith("| kto |"))
     assert kto_row.split(" | ")[3].startswith(("+", "-"))  # a paired difference with its interval
@@ -34,7 +39,9 @@ def test_rows_record_their_code_drift_and_difference_from_diffusion_dpo_and_neve
     for path in (REPO / "examples" / "toy").glob("*.yaml"):
         summary = dict(kto, method=path.stem, name=path.stem)
         (tmp_path / path.stem).mkdir(exist_ok=True)
-        (tmp_path / path.stem / "summary.json").write_text(json.dumps(summary if path.stem != "mapo" else {**summary, "code": "0" * 12}))
+        (tmp_path / path.stem / "summary.json").write_text(
+            json.dumps(summary if path.stem != "mapo" else {**summary, "code": "0" * 12})
+        )
     page = tmp_path / "benchmarks.md"
     page.write_text("<!-- toy-alignment:start -->\n<!-- toy-alignment:end -->\n")
     refused = run(["--table", "--docs", str(page)], tmp_path)

@@ -11,7 +11,9 @@ def read_metadata(out_dir):
     records = []
     for shard in sorted(out_dir.glob("*.tar")):
         with tarfile.open(shard) as tar:
-            records += [json.load(tar.extractfile(member)) for member in tar.getmembers() if member.name.endswith(".json")]
+            records += [
+                json.load(tar.extractfile(member)) for member in tar.getmembers() if member.name.endswith(".json")
+            ]
     return records
 
 
@@ -21,7 +23,9 @@ def test_heldout_prompts_are_not_trained_on():
 
 
 def test_generated_pairs_are_labelled_by_the_reward(tiny_pixel, tmp_path):
-    info = generate_toy_preferences(tmp_path, 24, pipeline=tiny_pixel, users=("warm", "cool"), label_noise=0.25, tie_threshold=0.0, seed=3)
+    info = generate_toy_preferences(
+        tmp_path, 24, pipeline=tiny_pixel, users=("warm", "cool"), label_noise=0.25, tie_threshold=0.0, seed=3
+    )
     counts = info["counts"]
     records = read_metadata(tmp_path)
     assert counts["written"] + counts["ties_dropped"] == 24
@@ -33,7 +37,13 @@ def test_generated_pairs_are_labelled_by_the_reward(tiny_pixel, tmp_path):
         assert better != record["label_flipped"] or record["reward_winner"] == record["reward_loser"]
     assert counts["flipped"] == sum(record["label_flipped"] for record in records) > 0
     assert json.loads((tmp_path / "info.json").read_text())["counts"] == counts
-    batch = next(iter(PreferenceDataModule(f"{tmp_path}/*.tar", batch_size=4, num_workers=0, batches_per_epoch=1).train_dataloader()))
+    batch = next(
+        iter(
+            PreferenceDataModule(
+                f"{tmp_path}/*.tar", batch_size=4, num_workers=0, batches_per_epoch=1
+            ).train_dataloader()
+        )
+    )
     assert batch["pixels_w"].shape == (4, 3, 8, 8)
 
 

@@ -70,8 +70,11 @@ def test_scene_prompts_agree_with_the_attributes_drawn():
 
 def test_colour_free_prompts_cover_the_whole_palette_uniformly():
     rng = np.random.default_rng(2)
-    colors = [attributes["color"] for prompt, _, attributes in (sample_scene(rng) for _ in range(1200))
-              if parse_prompt(prompt)["color"] is None]
+    colors = [
+        attributes["color"]
+        for prompt, _, attributes in (sample_scene(rng) for _ in range(1200))
+        if parse_prompt(prompt)["color"] is None
+    ]
     counts = np.array([colors.count(color) for color in COLORS])
     assert (counts > 0.6 * len(colors) / len(COLORS)).all(), dict(zip(COLORS, counts))
 

@@ -13,9 +13,14 @@ WHITE, BLACK = np.full((8, 8, 3), 255, np.uint8), np.zeros((8, 8, 3), np.uint8)
 
 
 def test_unpaired_images_with_labels(tmp_path):
-    write_unpaired_shards([{"image": WHITE, "caption": "good", "label": 1},
-                           {"image": BLACK, "caption": "bad", "label": 0, "user_id": "alice"},
-                           {"image": WHITE, "caption": "unlabelled"}], tmp_path)
+    write_unpaired_shards(
+        [
+            {"image": WHITE, "caption": "good", "label": 1},
+            {"image": BLACK, "caption": "bad", "label": 0, "user_id": "alice"},
+            {"image": WHITE, "caption": "unlabelled"},
+        ],
+        tmp_path,
+    )
     data = UnpairedDataModule(str(tmp_path), val_shards=str(tmp_path), batch_size=3, num_workers=0)
     batch = next(iter(data.val_dataloader()))
     assert batch["pixels"].shape == (3, 3, 8, 8)
@@ -26,7 +31,9 @@ def test_unpaired_images_with_labels(tmp_path):
 def test_unpaired_videos(tmp_path):
     (tmp_path / "c.mp4").write_bytes(encode_video(np.zeros((6, 16, 16, 3), np.uint8), fps=8))
     write_unpaired_shards([{"video": tmp_path / "c.mp4", "caption": "a clip"}], tmp_path / "shards")
-    data = UnpairedDataModule(str(tmp_path / "shards"), val_shards=str(tmp_path / "shards"), num_frames=4, num_workers=0)
+    data = UnpairedDataModule(
+        str(tmp_path / "shards"), val_shards=str(tmp_path / "shards"), num_frames=4, num_workers=0
+    )
     assert next(iter(data.val_dataloader()))["pixels"].shape == (1, 3, 4, 16, 16)
 
 
@@ -36,14 +43,20 @@ def test_samples_out_of_preference_shards(tmp_path, source, labels):
     data = UnpairedDataModule(str(tmp_path), val_shards=str(tmp_path), source=source, batch_size=4, num_workers=0)
     batch = next(iter(data.val_dataloader()))
     assert batch["label"].tolist() == labels
-    assert all(bool(image.mean() > 0) == bool(label) for image, label in zip(batch["pixels"], batch["label"]))  # winners are white
+    assert all(
+        bool(image.mean() > 0) == bool(label) for image, label in zip(batch["pixels"], batch["label"])
+    )  # winners are white
     assert len(set(batch["key"])) == len(labels)
 
 
 def test_precomputed_pairs_split_into_labelled_latents(tmp_path):
     with wds.TarWriter(str(tmp_path / "latents-000000.tar")) as sink:
         for i in range(2):
-            tensors = {"latents_w": torch.full((4, 2, 2), 1.0), "latents_l": torch.full((4, 2, 2), -1.0), "encoder_hidden_states": torch.ones(3, 5)}
+            tensors = {
+                "latents_w": torch.full((4, 2, 2), 1.0),
+                "latents_l": torch.full((4, 2, 2), -1.0),
+                "encoder_hidden_states": torch.ones(3, 5),
+            }
             sink.write({"__key__": f"k{i}", "json": {"caption": "x"}, "latents.safetensors": save_safetensors(tensors)})
     data = UnpairedDataModule(str(tmp_path), val_shards=str(tmp_path), source="pairs", batch_size=4, num_workers=0)
     batch = next(iter(data.val_dataloader()))

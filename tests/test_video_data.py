@@ -10,7 +10,9 @@ STEP = 12  # frame i is uniformly grey with value STEP * i (+ an offset telling 
 
 
 def video(num_frames, fps=8, offset=0, size=32):
-    return encode_video(np.stack([np.full((size, size, 3), STEP * i + offset, np.uint8) for i in range(num_frames)]), fps)
+    return encode_video(
+        np.stack([np.full((size, size, 3), STEP * i + offset, np.uint8) for i in range(num_frames)]), fps
+    )
 
 
 def frame_indices(clip, offset=0):
@@ -31,8 +33,16 @@ def write_pairs(path, pairs):
 
 def test_stride_window_is_shared_by_both_videos_and_batches_are_bcfhw(tmp_path):
     shards = write_pairs(tmp_path, [(video(12), video(16, offset=6))] * 3)  # the loser is longer
-    data = VideoPreferenceDataModule(shards, num_frames=4, frame_stride=2, random_temporal_crop=True, resolution=(16, 24),
-                                     batch_size=3, num_workers=0, batches_per_epoch=4)
+    data = VideoPreferenceDataModule(
+        shards,
+        num_frames=4,
+        frame_stride=2,
+        random_temporal_crop=True,
+        resolution=(16, 24),
+        batch_size=3,
+        num_workers=0,
+        batches_per_epoch=4,
+    )
     starts = set()
     for batch in data.train_dataloader():
         assert batch["pixels_w"].shape == batch["pixels_l"].shape == (3, 3, 4, 16, 24)
@@ -42,7 +52,9 @@ def test_stride_window_is_shared_by_both_videos_and_batches_are_bcfhw(tmp_path):
             assert np.diff(indices).tolist() == [2, 2, 2] and indices[-1] < 12  # inside the shorter video
             starts.add(indices[0])
     assert len(starts) > 1  # random temporal crops
-    val = VideoPreferenceDataModule(shards, val_shards=shards, num_frames=4, frame_stride=2, random_temporal_crop=True, num_workers=0)
+    val = VideoPreferenceDataModule(
+        shards, val_shards=shards, num_frames=4, frame_stride=2, random_temporal_crop=True, num_workers=0
+    )
     assert frame_indices(next(iter(val.val_dataloader()))["pixels_w"][0]) == [0, 2, 4, 6]  # validation: from the start
 
 
@@ -55,7 +67,9 @@ def test_fps_resampling_takes_the_same_times_from_videos_of_different_rates(tmp_
 
 
 def test_short_and_corrupt_videos_are_skipped_and_counted(tmp_path, caplog):
-    shards = write_pairs(tmp_path, [(video(8), video(8)), (video(3), video(8)), (video(8), b"not a video"), (video(8), video(8))])
+    shards = write_pairs(
+        tmp_path, [(video(8), video(8)), (video(3), video(8)), (video(8), b"not a video"), (video(8), video(8))]
+    )
     data = VideoPreferenceDataModule(shards, val_shards=shards, num_frames=4, batch_size=4, num_workers=0)
     batches = list(data.val_dataloader())
     assert [batch["prompt"] for batch in batches] == [["clip 0", "clip 3"]]

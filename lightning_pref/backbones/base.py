@@ -68,9 +68,7 @@ class Backbone(nn.Module):
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         raise NotImplementedError
 
-    def encode_pixels(
-        self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None
-    ) -> Tensor:
+    def encode_pixels(self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
         """Pixels in [-1, 1] to clean latents ``x0``: the VAE posterior's mode without ``generator``, else a sample
         drawn with it (a list: one generator per sample, as ``DiagonalGaussianDistribution.sample`` takes them)."""
         raise NotImplementedError
@@ -154,7 +152,9 @@ class Backbone(nn.Module):
             return
         multiple = self.spatial_multiple() * (1 if latents else pixels_per_latent)
         if any(side % multiple for side in media.shape[-2:]):
-            in_pixels = f" (a multiple of {self.spatial_multiple() * pixels_per_latent} pixels)" if pixels_per_latent else ""
+            in_pixels = (
+                f" (a multiple of {self.spatial_multiple() * pixels_per_latent} pixels)" if pixels_per_latent else ""
+            )
             raise DataError(
                 f"the batch's '{name}' are {tuple(media.shape[-2:])} {'latents' if latents else 'pixels'}, but "
                 f"{type(self).__name__} needs sides divisible by {multiple}: set the DataModule's `resolution`"

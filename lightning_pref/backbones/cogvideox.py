@@ -74,7 +74,9 @@ class CogVideoXBackbone(TextToVideoBackbone):
                 f"max_sequence_length={max_sequence_length}: this transformer's position embeddings cover exactly "
                 f"{config.max_text_seq_length} text tokens; leave max_sequence_length unset."
             )
-        self.process = DDPMProcess(self.scheduler_config, timestep_range=timestep_range, error_weighting=error_weighting)
+        self.process = DDPMProcess(
+            self.scheduler_config, timestep_range=timestep_range, error_weighting=error_weighting
+        )
 
     def check_checkpoint(self, model_index: dict[str, Any], denoiser_config: dict[str, Any]) -> None:
         super().check_checkpoint(model_index, denoiser_config)
@@ -117,9 +119,7 @@ class CogVideoXBackbone(TextToVideoBackbone):
         base_height, base_width = config.sample_height // config.patch_size, config.sample_width // config.patch_size
         if config.patch_size_t is None:
             crop = get_resize_crop_region_for_grid((height, width), base_width, base_height)
-            return get_3d_rotary_pos_embed(
-                config.attention_head_dim, crop, (height, width), frames, device=x_t.device
-            )
+            return get_3d_rotary_pos_embed(config.attention_head_dim, crop, (height, width), frames, device=x_t.device)
         return get_3d_rotary_pos_embed(
             config.attention_head_dim,
             None,

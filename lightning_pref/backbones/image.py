@@ -44,9 +44,7 @@ class ImagePipelineMixin:
         ).input_ids.to(self.device)
 
     @torch.no_grad()
-    def encode_pixels(
-        self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None
-    ) -> Tensor:
+    def encode_pixels(self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
         """``(B, C, H, W)`` pixels to latents: the posterior's mode, or a sample drawn with ``generator`` (a list:
         one generator per image); without a VAE, the pixels themselves."""
         if self.vae is None:

@@ -82,7 +82,9 @@ class StableDiffusion3Backbone(ImagePipelineMixin, Backbone):
                 )
             )
         self.vae = frozen(AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **load))
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(pretrained, subfolder="scheduler", revision=revision)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+            pretrained, subfolder="scheduler", revision=revision
+        )
         self.process = FlowMatchingProcess.from_scheduler_config(
             scheduler.config,
             timestep_range=timestep_range,

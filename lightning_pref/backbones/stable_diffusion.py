@@ -64,7 +64,9 @@ class StableDiffusionBackbone(ImagePipelineMixin, Backbone):
         return {"encoder_hidden_states": hidden}
 
     def predict(self, denoiser: nn.Module, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor:
-        return denoiser(x_t, timesteps, encoder_hidden_states=conditioning["encoder_hidden_states"], return_dict=False)[0]
+        return denoiser(x_t, timesteps, encoder_hidden_states=conditioning["encoder_hidden_states"], return_dict=False)[
+            0
+        ]
 
 
 class StableDiffusionXLBackbone(StableDiffusionBackbone):

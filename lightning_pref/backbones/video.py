@@ -121,9 +121,7 @@ class TextToVideoBackbone(Backbone):
         return {"encoder_hidden_states": hidden * tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)}
 
     @torch.no_grad()
-    def encode_pixels(
-        self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None
-    ) -> Tensor:
+    def encode_pixels(self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
         """``(B, C, F, H, W)`` pixels to latents: the posterior's mode, or a sample drawn with ``generator`` (a
         list: one generator per video)."""
         posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist

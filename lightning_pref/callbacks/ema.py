@@ -36,10 +36,14 @@ class EMAWeights(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if any(hasattr(param, "ds_id") or hasattr(param, "to_local") for param in self.trained(pl_module).values()):
-            raise ConfigError("EMAWeights needs whole parameters on every rank: use it with DDP or ZeRO-2, not ZeRO-3 or FSDP2.")
+            raise ConfigError(
+                "EMAWeights needs whole parameters on every rank: use it with DDP or ZeRO-2, not ZeRO-3 or FSDP2."
+            )
 
     @torch.no_grad()
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.updates:  # no optimizer step since the last update (gradient accumulation)
             return
         self.updates = trainer.global_step

@@ -51,7 +51,9 @@ class SaveOnSigterm(pl.Callback):
             return
         path = self.checkpoint_dir(trainer) / "interrupted.ckpt"
         trainer.save_checkpoint(path)  # every rank calls it, as sharded strategies need
-        log.warning("SIGTERM: stopped at step %d and wrote %s (resume with --ckpt_path %s).", trainer.global_step, path, path)
+        log.warning(
+            "SIGTERM: stopped at step %d and wrote %s (resume with --ckpt_path %s).", trainer.global_step, path, path
+        )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.deadline is not None:

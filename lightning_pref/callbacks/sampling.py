@@ -82,7 +82,10 @@ class SampleGrid(pl.Callback):
     def generate(self, pl_module: pl.LightningModule) -> Tensor:
         backbone = pl_module.backbone
         noise = torch.stack(
-            [torch.randn(backbone.latent_shape(1)[1:], generator=torch.Generator().manual_seed(self.seed + i)) for i in range(len(self.prompts))]
+            [
+                torch.randn(backbone.latent_shape(1)[1:], generator=torch.Generator().manual_seed(self.seed + i))
+                for i in range(len(self.prompts))
+            ]
         )
         was_training = pl_module.training
         pl_module.eval()
@@ -129,7 +132,9 @@ class SampleGrid(pl.Callback):
                 "reward": self.reward.name,
                 "mean_before": before_rewards.mean().item(),
                 "mean_after": after_rewards.mean().item(),
-                "win_rate": ((after_rewards > before_rewards).float() + 0.5 * (after_rewards == before_rewards).float()).mean().item(),
+                "win_rate": ((after_rewards > before_rewards).float() + 0.5 * (after_rewards == before_rewards).float())
+                .mean()
+                .item(),
                 "per_image": [
                     {"prompt": p, "seed": self.seed + i, "before": b, "after": a}
                     for i, (p, b, a) in enumerate(zip(self.prompts, before_rewards.tolist(), after_rewards.tolist()))

@@ -100,7 +100,10 @@ class Geometry:
         """``uint8`` ``(3, H, W)`` tensors; images of another size than the first are resized to it."""
         first = self.resize(images[0])
         resized = [first] + [self.resize(image) for image in images[1:]]
-        resized = [image if image.size == first.size else image.resize(first.size, Image.Resampling.BICUBIC) for image in resized]
+        resized = [
+            image if image.size == first.size else image.resize(first.size, Image.Resampling.BICUBIC)
+            for image in resized
+        ]
         height, width = self.size or (first.height, first.width)
         if self.random_crop:
             left, top = int(rng.integers(0, first.width - width + 1)), int(rng.integers(0, first.height - height + 1))
@@ -126,7 +129,11 @@ def video_frame_times(data: bytes) -> list[float]:
         if not container.streams.video:
             raise SkipSample("the file has no video stream")
         stream = container.streams.video[0]
-        times = sorted(float(packet.pts * stream.time_base) for packet in container.demux(stream) if packet.pts is not None and packet.size)
+        times = sorted(
+            float(packet.pts * stream.time_base)
+            for packet in container.demux(stream)
+            if packet.pts is not None and packet.size
+        )
     if not times:
         raise SkipSample("the video has no frames")
     return times
@@ -149,7 +156,9 @@ def decode_frames(data: bytes, indices: Sequence[int]) -> list[Image.Image]:
     return [frames[index] for index in indices]
 
 
-def encode_video(frames: np.ndarray | Sequence[np.ndarray], fps: float = 8, codec: str = "libx264", container: str = "mp4") -> bytes:
+def encode_video(
+    frames: np.ndarray | Sequence[np.ndarray], fps: float = 8, codec: str = "libx264", container: str = "mp4"
+) -> bytes:
     """Encode ``uint8`` frames ``(F, H, W, 3)`` (even H and W) to video bytes with PyAV."""
     import av
 
@@ -182,7 +191,9 @@ class FrameSampling:
         if self.num_frames < 1 or self.frame_stride < 1:
             raise ConfigError(f"num_frames={self.num_frames}, frame_stride={self.frame_stride}: both must be >= 1.")
         if self.fps is not None and (self.fps <= 0 or self.frame_stride != 1):
-            raise ConfigError(f"fps={self.fps}, frame_stride={self.frame_stride}: give a positive fps or a frame_stride, not both.")
+            raise ConfigError(
+                f"fps={self.fps}, frame_stride={self.frame_stride}: give a positive fps or a frame_stride, not both."
+            )
 
     def indices(self, frame_times: list[list[float]], rng: np.random.Generator) -> list[list[int]]:
         """Frame indices of each video for one shared window."""
@@ -199,7 +210,9 @@ class FrameSampling:
         window = (self.num_frames - 1) / self.fps
         available = min(times[-1] - times[0] for times in frame_times)
         if available + 1e-6 < window:
-            raise SkipSample(f"video lasts {available:.2f} s; {self.num_frames} frames at {self.fps} fps need {window:.2f} s")
+            raise SkipSample(
+                f"video lasts {available:.2f} s; {self.num_frames} frames at {self.fps} fps need {window:.2f} s"
+            )
         offset = float(rng.uniform(0, available - window)) if self.random_start else 0.0
         return [
             [bisect.bisect_right(times, times[0] + offset + i / self.fps + 1e-6) - 1 for i in range(self.num_frames)]
@@ -228,7 +241,10 @@ def load_tensors(sample: dict[str, Any]) -> dict[str, torch.Tensor] | None:
         names = [key for key in sample if key.endswith(".npy")]
         if not names:
             return None
-        tensors = {name[: -len(".npy")]: torch.from_numpy(np.load(io.BytesIO(sample[name]), allow_pickle=False)) for name in names}
+        tensors = {
+            name[: -len(".npy")]: torch.from_numpy(np.load(io.BytesIO(sample[name]), allow_pickle=False))
+            for name in names
+        }
     tensors = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in tensors.items()}
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -248,7 +264,9 @@ class MediaDecoder:
         self.geometry = geometry
         self.frames = frames
 
-    def __call__(self, sample: dict[str, Any], roles: dict[str, str], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, sample: dict[str, Any], roles: dict[str, str], rng: np.random.Generator
+    ) -> dict[str, torch.Tensor]:
         """``roles`` maps each media role to the suffix of its output (``{"winner": "_w", "loser": "_l"}``)."""
         tensors = load_tensors(sample)
         if tensors is not None:
@@ -261,14 +279,18 @@ class MediaDecoder:
         if kinds == {True}:
             pixels = self.videos(files, rng)
         elif kinds == {False}:
-            pixels = self.geometry([decoded(name, open_image, data, self.geometry.draft_size) for name, data in files.items()], rng)
+            pixels = self.geometry(
+                [decoded(name, open_image, data, self.geometry.draft_size) for name, data in files.items()], rng
+            )
         else:
             raise SkipSample("mixes an image and a video")
         return {media_field(PIXELS, suffix): tensor for suffix, tensor in zip(roles.values(), pixels)}
 
     def videos(self, videos: dict[str, bytes], rng: np.random.Generator) -> list[torch.Tensor]:
         if self.frames is None:
-            raise SkipSample("holds a video, but the DataModule has no num_frames: use VideoPreferenceDataModule or set num_frames")
+            raise SkipSample(
+                "holds a video, but the DataModule has no num_frames: use VideoPreferenceDataModule or set num_frames"
+            )
         windows = self.frames.indices([decoded(name, video_frame_times, data) for name, data in videos.items()], rng)
         clips = [decoded(name, decode_frames, data, indices) for (name, data), indices in zip(videos.items(), windows)]
         flat = self.geometry([frame for clip in clips for frame in clip], rng)

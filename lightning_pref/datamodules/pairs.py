@@ -114,11 +114,15 @@ class PairColumns:
                 "--loser-column, or --first-column/--second-column/--label-column."
             )
         if self.prompt_column(columns) not in columns:
-            raise DataError(f"{table} has no 'caption' or 'prompt' column (it has {columns}): name it with --prompt-column.")
+            raise DataError(
+                f"{table} has no 'caption' or 'prompt' column (it has {columns}): name it with --prompt-column."
+            )
         for index, row in enumerate(rows if self.label else []):
             value = str(row.get(self.label)).strip()
             if value.lower() not in OUTCOMES:
-                raise DataError(f"{table}, row {index}: {self.label}={value!r}: use A (first wins), B (second wins) or same (a tie).")
+                raise DataError(
+                    f"{table}, row {index}: {self.label}={value!r}: use A (first wins), B (second wins) or same (a tie)."
+                )
 
     def prompt_column(self, columns: list[str]) -> str:
         return self.prompt or ("caption" if "caption" in columns else "prompt")
@@ -147,7 +151,7 @@ def read_text(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
-        bad_byte = error.object[error.start:error.start + 1]
+        bad_byte = error.object[error.start : error.start + 1]
         raise DataError(f"{path} is not UTF-8 text (byte {error.start} is {bad_byte!r}): save it as UTF-8.") from None
 
 
@@ -174,7 +178,9 @@ def check_objects(rows: list[Any], path: Path) -> list[dict[str, Any]]:
     """``rows``, once each is known to be an object (a dict)."""
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise DataError(f'{path}, row {index} is {json_kind(row)}, not an object: write each row as {{"column": value, ...}}.')
+            raise DataError(
+                f'{path}, row {index} is {json_kind(row)}, not an object: write each row as {{"column": value, ...}}.'
+            )
     return rows
 
 
@@ -228,8 +234,14 @@ def file_problem(file: Any, root: Path, media: Media) -> str | None:
 
 
 def ordered_pairs(
-    rows: list[dict[str, Any]], root: Path, columns: PairColumns, media: Media, ties: TiePolicy, seed: int,
-    counts: dict[str, int], source: str,
+    rows: list[dict[str, Any]],
+    root: Path,
+    columns: PairColumns,
+    media: Media,
+    ties: TiePolicy,
+    seed: int,
+    counts: dict[str, int],
+    source: str,
 ) -> Iterator[dict[str, Any]]:
     """``{"winner": Path, "loser": Path, "caption": str, **other columns}`` per usable row (``counts`` updated)."""
     rng = np.random.default_rng(seed)
@@ -245,8 +257,11 @@ def ordered_pairs(
                 counts["ties_dropped"] += 1
                 continue
         files = [row.get(column) for column in file_columns]
-        problems = [f"{column}: {problem}" for column, file in zip(file_columns, files)
-                    if (problem := file_problem(file, root, media))]
+        problems = [
+            f"{column}: {problem}"
+            for column, file in zip(file_columns, files)
+            if (problem := file_problem(file, root, media))
+        ]
         if problems:
             counts["unreadable"] += 1
             log.warning("%s, row %d skipped: %s", source, index, "; ".join(problems))
@@ -254,17 +269,29 @@ def ordered_pairs(
         caption = row.get(prompt)
         if not isinstance(caption, str):
             counts["rejected_captions"] += 1
-            log.warning("%s, row %d rejected: its %s %r is not a string: give each row its prompt as text.",
-                        source, index, prompt, caption)
+            log.warning(
+                "%s, row %d rejected: its %s %r is not a string: give each row its prompt as text.",
+                source,
+                index,
+                prompt,
+                caption,
+            )
             continue
         if not first_wins:
             files.reverse()
         winner_file, loser_file = files
         metadata = {key: value for key, value in row.items() if key not in (prompt, "winner", "loser")}
         counts["written"] += 1
-        yield {**metadata, "winner": root / winner_file, "loser": root / loser_file, "caption": caption,
-               "winner_file": winner_file, "loser_file": loser_file,
-               "swapped": not first_wins, "source_row": index}
+        yield {
+            **metadata,
+            "winner": root / winner_file,
+            "loser": root / loser_file,
+            "caption": caption,
+            "winner_file": winner_file,
+            "loser_file": loser_file,
+            "swapped": not first_wins,
+            "source_row": index,
+        }
 
 
 def convert_pair_rows(
@@ -296,8 +323,14 @@ def convert_pair_rows(
             " write to an empty --out, or delete those shards to convert again."
         )
     rejected = rejected or {}
-    counts = {"rows": sum(rejected.values()), "written": 0, "ties_dropped": 0, "unreadable": 0, "rejected_captions": 0,
-              **rejected}
+    counts = {
+        "rows": sum(rejected.values()),
+        "written": 0,
+        "ties_dropped": 0,
+        "unreadable": 0,
+        "rejected_captions": 0,
+        **rejected,
+    }
     pairs = ordered_pairs(rows, Path(root), columns, media, ties, seed, counts, source)
     write_preference_shards(pairs, out_dir, samples_per_shard or (1000 if media == "image" else 100), prefix=prefix)
     if not counts["written"]:
@@ -305,7 +338,9 @@ def convert_pair_rows(
     return counts
 
 
-def convert_pair_table(table: str | Path, out_dir: str | Path, root: str | Path | None = None, **options: Any) -> dict[str, int]:
+def convert_pair_table(
+    table: str | Path, out_dir: str | Path, root: str | Path | None = None, **options: Any
+) -> dict[str, int]:
     """A CSV/JSON/JSONL table of pairs to shards; files are relative to ``root`` (default: the table's folder).
     ``options`` are those of ``convert_pair_rows``."""
     table = Path(table)
@@ -318,7 +353,9 @@ def videodpo_rows(directory: str | Path) -> tuple[list[dict[str, Any]], int]:
     directory = Path(directory)
     for name in ("metadata.json", "pair.json"):
         if not (directory / name).is_file():
-            raise MissingFileError(f"{directory / name} is missing: a VideoDPO directory holds metadata.json and pair.json.")
+            raise MissingFileError(
+                f"{directory / name} is missing: a VideoDPO directory holds metadata.json and pair.json."
+            )
     videos = read_json_list(directory / "metadata.json")
     pairs = read_json_list(directory / "pair.json")
     rows, rejected = [], 0
@@ -330,11 +367,15 @@ def videodpo_rows(directory: str | Path) -> tuple[list[dict[str, Any]], int]:
             continue
         winner, loser = videos[pair["video1"]], videos[pair["video2"]]
         caption = pair.get("frame_caption") or nested(winner, "misc", "frame_caption")
-        rows.append({
-            "winner": nested(winner, "basic", "clip_path"), "loser": nested(loser, "basic", "clip_path"),
-            "caption": caption[0] if isinstance(caption, list) and caption else caption, "pair_index": index,
-            **{key: pair[key] for key in ("score", "label") if key in pair},
-        })
+        rows.append(
+            {
+                "winner": nested(winner, "basic", "clip_path"),
+                "loser": nested(loser, "basic", "clip_path"),
+                "caption": caption[0] if isinstance(caption, list) and caption else caption,
+                "pair_index": index,
+                **{key: pair[key] for key in ("score", "label") if key in pair},
+            }
+        )
     return rows, rejected
 
 
@@ -343,8 +384,10 @@ def index_problem(pair: dict[str, Any], num_videos: int) -> str | None:
     for name in ("video1", "video2"):
         index = pair.get(name)
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_videos:
-            return (f"{name}={index!r} is not an index of metadata.json's {num_videos} videos: "
-                    f"use an integer from 0 to {num_videos - 1}")
+            return (
+                f"{name}={index!r} is not an index of metadata.json's {num_videos} videos: "
+                f"use an integer from 0 to {num_videos - 1}"
+            )
     if pair["video1"] == pair["video2"]:
         return f"video1 and video2 are both video {pair['video1']}: a pair needs two videos"
     return None
@@ -360,5 +403,12 @@ def nested(value: Any, *keys: str) -> Any:
 def convert_videodpo(directory: str | Path, out_dir: str | Path, **options: Any) -> dict[str, int]:
     """A VideoDPO directory to video preference shards (``video1`` is the winner)."""
     rows, rejected = videodpo_rows(directory)
-    return convert_pair_rows(rows, out_dir, directory, media="video", source=str(Path(directory) / "pair.json"),
-                             rejected={"rejected_indices": rejected}, **options)
+    return convert_pair_rows(
+        rows,
+        out_dir,
+        directory,
+        media="video",
+        source=str(Path(directory) / "pair.json"),
+        rejected={"rejected_indices": rejected},
+        **options,
+    )

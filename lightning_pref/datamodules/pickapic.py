@@ -45,8 +45,17 @@ log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 PROVENANCE_COLUMNS = (
-    "has_label", "are_different", "user_id", "ranking_id", "best_image_uid", "image_0_uid", "image_1_uid",
-    "model_0", "model_1", "created_at", "num_example_per_prompt",
+    "has_label",
+    "are_different",
+    "user_id",
+    "ranking_id",
+    "best_image_uid",
+    "image_0_uid",
+    "image_1_uid",
+    "model_0",
+    "model_1",
+    "created_at",
+    "num_example_per_prompt",
 )
 GLOB_CHARACTERS = "*?["
 
@@ -85,7 +94,9 @@ def source_names(source: str | Path) -> dict[str, Path]:
         relative = path.relative_to(root)
         name = key_part((relative.with_suffix("") if relative.suffix == ".parquet" else relative).as_posix())
         if name in names:
-            raise DataError(f"{names[name]} and {path} would both write the shards {name}-NNNNNN.tar: rename one of them.")
+            raise DataError(
+                f"{names[name]} and {path} would both write the shards {name}-NNNNNN.tar: rename one of them."
+            )
         names[name] = path
     return names
 
@@ -158,10 +169,20 @@ def convert_parquet_file(
     """Convert one parquet file into ``out_dir/<name>-NNNNNN.tar`` (sample keys ``<name>-<row>``); returns its counts."""
     parquet, columns = open_parquet(path)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    counts = {"rows": 0, "written": 0, "ties_dropped": 0, "unlabelled": 0, "identical": 0, "corrupt": 0,
-              "rejected_labels": 0, "rejected_captions": 0}
+    counts = {
+        "rows": 0,
+        "written": 0,
+        "ties_dropped": 0,
+        "unlabelled": 0,
+        "identical": 0,
+        "corrupt": 0,
+        "rejected_labels": 0,
+        "rejected_captions": 0,
+    }
     pattern = str(out_dir / f"{name}-%06d.tar")
-    rows = tqdm(parquet_rows(parquet, path, columns), total=parquet.metadata.num_rows, desc=path.name, unit="row", leave=False)
+    rows = tqdm(
+        parquet_rows(parquet, path, columns), total=parquet.metadata.num_rows, desc=path.name, unit="row", leave=False
+    )
     with wds.ShardWriter(pattern, maxsize=int(shard_size_mb * 2**20), maxcount=10**9, verbose=0) as sink:
         for index, row in enumerate(rows):
             counts["rows"] += 1
@@ -173,7 +194,9 @@ def convert_parquet_file(
     return counts
 
 
-def _pair_sample(row: dict[str, Any], ties: TiePolicy, rng: np.random.Generator, counts: dict[str, int], where: str) -> dict | None:
+def _pair_sample(
+    row: dict[str, Any], ties: TiePolicy, rng: np.random.Generator, counts: dict[str, int], where: str
+) -> dict | None:
     """The shard sample of one row, or ``None`` (counted) when the row is dropped, rejected or corrupt;
     ``where`` names the row in warnings."""
     if row.get("has_label") is False or row["label_0"] is None or row["label_1"] is None:
@@ -195,7 +218,9 @@ def _pair_sample(row: dict[str, Any], ties: TiePolicy, rng: np.random.Generator,
         return None
     if not isinstance(row["caption"], str):
         counts["rejected_captions"] += 1
-        log.warning("%s rejected: its caption %r is not a string: give each row its prompt as text.", where, row["caption"])
+        log.warning(
+            "%s rejected: its caption %r is not a string: give each row its prompt as text.", where, row["caption"]
+        )
         return None
     extensions = image_extension(row["jpg_0"]), image_extension(row["jpg_1"])
     if None in extensions:
@@ -205,7 +230,13 @@ def _pair_sample(row: dict[str, Any], ties: TiePolicy, rng: np.random.Generator,
     if not first_wins:
         images.reverse()
     (winner, winner_ext), (loser, loser_ext) = images
-    metadata = {"caption": row["caption"], "label_0": label_0, "label_1": label_1, "tie": tie, "swapped": not first_wins}
+    metadata = {
+        "caption": row["caption"],
+        "label_0": label_0,
+        "label_1": label_1,
+        "tie": tie,
+        "swapped": not first_wins,
+    }
     metadata.update({column: _jsonable(row[column]) for column in PROVENANCE_COLUMNS if column in row})
     return {
         f"winner.{winner_ext}": bytes(winner),
@@ -262,7 +293,9 @@ def publish(partial: Path, out_dir: Path, source: Path) -> None:
     a file already in the way is an error, never overwritten."""
     for shard in sorted(partial.glob("*.tar")):
         if (out_dir / shard.name).exists():
-            raise DataError(f"{out_dir / shard.name} exists but was not written for {source}: move it out of {out_dir}, then rerun.")
+            raise DataError(
+                f"{out_dir / shard.name} exists but was not written for {source}: move it out of {out_dir}, then rerun."
+            )
         shard.replace(out_dir / shard.name)
     (marker,) = partial.glob("*.done.json")
     marker.replace(out_dir / marker.name)

@@ -62,7 +62,7 @@ class SourceDecoder(SampleDecoder):
 
 def encode_batch(backbone: Backbone, batch: dict[str, Any], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Latents of every pixel field (``pixels_w`` -> ``latents_w``; one VAE call) and the prompt tensors."""
-    suffixes = [name[len(PIXELS):] for name in batch if name.startswith(PIXELS)]
+    suffixes = [name[len(PIXELS) :] for name in batch if name.startswith(PIXELS)]
     pixels = torch.cat([batch[media_field(PIXELS, suffix)] for suffix in suffixes]).to(backbone.device)
     latents = backbone.encode_pixels(pixels).chunk(len(suffixes))
     prompts = backbone.encode_prompts(batch["caption"])
@@ -103,16 +103,28 @@ def precompute_shards(
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r}: choose one of {sorted(DTYPES)}.")
     if file_format not in ("safetensors", "npy") or (file_format == "npy" and dtype == "bfloat16"):
-        raise ConfigError(f"file_format={file_format!r} with dtype={dtype!r}: use safetensors, or npy with float16/float32.")
+        raise ConfigError(
+            f"file_format={file_format!r} with dtype={dtype!r}: use safetensors, or npy with float16/float32."
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = FrameSampling(num_frames, frame_stride, fps) if num_frames else None
     decoder = SourceDecoder(MediaDecoder(Geometry(resolution), frames))
-    settings = {"backbone": type(backbone).__name__, "pretrained": getattr(backbone, "pretrained", None), "resolution": resolution,
-                "num_frames": num_frames, "frame_stride": frame_stride, "fps": fps, "dtype": dtype, "latents": "posterior mode"}
+    settings = {
+        "backbone": type(backbone).__name__,
+        "pretrained": getattr(backbone, "pretrained", None),
+        "resolution": resolution,
+        "num_frames": num_frames,
+        "frame_stride": frame_stride,
+        "fps": fps,
+        "dtype": dtype,
+        "latents": "posterior mode",
+    }
     (out_dir / "precompute.json").write_text(json.dumps(settings, indent=2))
     empty = backbone.encode_prompts([""])
-    (out_dir / "empty_prompt.safetensors").write_bytes(save_safetensors({key: empty[key][0].cpu() for key in backbone.prompt_keys}))
+    (out_dir / "empty_prompt.safetensors").write_bytes(
+        save_safetensors({key: empty[key][0].cpu() for key in backbone.prompt_keys})
+    )
 
     counts = {"shards": 0, "shards_already_done": 0, "written": 0, "skipped": 0}
     skips = SkipLog()
@@ -128,7 +140,9 @@ def precompute_shards(
                 batch = collate(chunk)
                 tensors = encode_batch(backbone, batch, DTYPES[dtype])
                 for index, key in enumerate(batch["key"]):
-                    sink.write({"__key__": key, "json": batch["json"][index], **sample_files(tensors, index, file_format)})
+                    sink.write(
+                        {"__key__": key, "json": batch["json"][index], **sample_files(tensors, index, file_format)}
+                    )
                 counts["written"] += len(chunk)
         partial.rename(target)
         counts["shards"] += 1
@@ -147,12 +161,16 @@ def load_backbone(spec: str, pretrained: str | None = None, options: dict[str, A
         config = yaml.safe_load(Path(spec).read_text())
         node = (config.get("model", {}).get("init_args") or {}).get("backbone") or config
         if "class_path" not in node:
-            raise ConfigError(f"{spec} has no model.init_args.backbone.class_path: give a fit config or a backbone class name.")
+            raise ConfigError(
+                f"{spec} has no model.init_args.backbone.class_path: give a fit config or a backbone class name."
+            )
         spec, init_args = node["class_path"], {**(node.get("init_args") or {}), **init_args}
     module_name, _, class_name = spec.rpartition(".")
     module = importlib.import_module(module_name or "lightning_pref.backbones")
     if not hasattr(module, class_name):
-        raise ConfigError(f"--backbone {spec!r}: no such class; use e.g. StableDiffusionBackbone or my_package.MyBackbone.")
+        raise ConfigError(
+            f"--backbone {spec!r}: no such class; use e.g. StableDiffusionBackbone or my_package.MyBackbone."
+        )
     if pretrained is not None:
         init_args["pretrained"] = pretrained
     return getattr(module, class_name)(**init_args)

@@ -72,12 +72,16 @@ class PreferenceDataModule(ShardDataModule):
         self.label_noise = label_noise
 
     def sample_decoder(self, train: bool) -> PairDecoder:
-        return PairDecoder(self.media_decoder(train), self.metadata_fields, self.label_noise if train else 0.0, self.seed)
+        return PairDecoder(
+            self.media_decoder(train), self.metadata_fields, self.label_noise if train else 0.0, self.seed
+        )
 
 
 class PickAPicDataModule(PreferenceDataModule):
     """``PreferenceDataModule`` with Diffusion-DPO's Pick-a-Pic defaults: 512 px, centre crop, random
     horizontal flip (shards from ``lightning-pref data pickapic``). Every option can still be overridden."""
 
-    def __init__(self, train_shards: str, *, resolution: int | tuple[int, int] | None = 512, random_flip: bool = True, **kwargs):
+    def __init__(
+        self, train_shards: str, *, resolution: int | tuple[int, int] | None = 512, random_flip: bool = True, **kwargs
+    ):
         super().__init__(train_shards, resolution=resolution, random_flip=random_flip, **kwargs)

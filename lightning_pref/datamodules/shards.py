@@ -71,7 +71,9 @@ def media_file(value: Any, image_format: str) -> tuple[str, bytes]:
     if isinstance(value, Path):
         extension = value.suffix.lstrip(".").lower()
         if extension not in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS:
-            raise ValueError(f"{value}: unsupported media extension {extension!r}; use one of {IMAGE_EXTENSIONS + VIDEO_EXTENSIONS}.")
+            raise ValueError(
+                f"{value}: unsupported media extension {extension!r}; use one of {IMAGE_EXTENSIONS + VIDEO_EXTENSIONS}."
+            )
         return extension, value.read_bytes()
     if isinstance(value, (bytes, bytearray)):
         return image_format, bytes(value)
@@ -103,7 +105,9 @@ def write_samples(
     if first is None:
         return []
     shards: list[str] = []
-    with wds.ShardWriter(str(out_dir / f"{prefix}-%06d.tar"), maxcount=samples_per_shard, post=shards.append, verbose=0) as sink:
+    with wds.ShardWriter(
+        str(out_dir / f"{prefix}-%06d.tar"), maxcount=samples_per_shard, post=shards.append, verbose=0
+    ) as sink:
         for index, record in enumerate(itertools.chain([first], records)):
             present = [role for role in roles if record.get(role) is not None]
             metadata = {key: value for key, value in record.items() if key not in roles}

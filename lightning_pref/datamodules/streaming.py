@@ -79,7 +79,9 @@ def expand_shards(spec: str) -> list[str]:
         raise MissingFileError(f"No shard matches {spec!r}: check the path, or write shards first.")
     missing = [path for path in paths if "://" not in path and not Path(path).is_file()]
     if missing:
-        raise MissingFileError(f"{len(missing)} shard(s) of {spec!r} do not exist, e.g. {missing[0]!r}: check the pattern.")
+        raise MissingFileError(
+            f"{len(missing)} shard(s) of {spec!r} do not exist, e.g. {missing[0]!r}: check the pattern."
+        )
     return paths
 
 
@@ -144,7 +146,9 @@ class SkipLog:
     def shard_error(self, exception: Exception) -> bool:
         """Webdataset handler: the rest of an unreadable shard is skipped; the stream goes on."""
         url = next((arg for arg in reversed(exception.args) if isinstance(arg, str)), "?")
-        self.record(f"the rest of shard {url}", f"{type(exception).__name__}: {exception.args[0] if exception.args else ''}")
+        self.record(
+            f"the rest of shard {url}", f"{type(exception).__name__}: {exception.args[0] if exception.args else ''}"
+        )
         return True
 
     def take(self) -> int:
@@ -159,8 +163,10 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         try:
             values = [sample[key] for sample in samples]
         except KeyError:
-            raise DataError(f"samples of one batch have different fields ({sorted(samples[0])} and others): do not mix "
-                            "precomputed and pixel shards, or image and video shards, in one DataModule.") from None
+            raise DataError(
+                f"samples of one batch have different fields ({sorted(samples[0])} and others): do not mix "
+                "precomputed and pixel shards, or image and video shards, in one DataModule."
+            ) from None
         first = values[0]
         if isinstance(first, torch.Tensor):
             try:
@@ -200,7 +206,9 @@ def group_by_user(samples: Iterable[dict], batch_size: int, users_per_batch: int
         while waiting > buffer:
             dropped = buckets.pop(next(iter(buckets)))
             waiting -= len(dropped)
-            log.debug("dropped %d samples of user %s: no full group within user_buffer", len(dropped), dropped[0]["user_id"])
+            log.debug(
+                "dropped %d samples of user %s: no full group within user_buffer", len(dropped), dropped[0]["user_id"]
+            )
 
 
 def chunks(samples: Iterable[dict], size: int, partial: bool) -> Iterator[list[dict]]:
@@ -235,8 +243,10 @@ class SampleDecoder:
         except KeyError:
             fields = sorted(key for key in sample if not key.startswith("__"))
             if any(field.endswith(".json") for field in fields):  # webdataset cut the key at its first dot
-                raise SkipSample(f"no 'json' field (fields: {fields}): the key holds a dot; rewrite the shard with "
-                                 "dot-free keys (the library's converters do)") from None
+                raise SkipSample(
+                    f"no 'json' field (fields: {fields}): the key holds a dot; rewrite the shard with "
+                    "dot-free keys (the library's converters do)"
+                ) from None
             raise SkipSample(f"no 'json' field (fields: {fields})") from None
         except ValueError as error:
             raise SkipSample(f"its json does not parse ({error})") from None
@@ -247,7 +257,11 @@ class SampleDecoder:
         return metadata
 
     def common(self, sample: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
-        out = {"prompt": metadata["caption"] or "", "key": sample["__key__"], "user_id": parse_user_id(metadata.get("user_id"))}
+        out = {
+            "prompt": metadata["caption"] or "",
+            "key": sample["__key__"],
+            "user_id": parse_user_id(metadata.get("user_id")),
+        }
         for name in self.metadata_fields:
             if name not in metadata:
                 raise SkipSample(f"its json has no '{name}' (a metadata_fields entry)")
@@ -264,7 +278,9 @@ def sample_rng(seed: Sequence[int], key: str) -> np.random.Generator:
     return np.random.default_rng([*seed, zlib.crc32(key.encode())])
 
 
-def decode_samples(samples: Iterable[dict[str, Any]], decoder: SampleDecoder, skips: SkipLog, seed: Sequence[int]) -> Iterator[dict[str, Any]]:
+def decode_samples(
+    samples: Iterable[dict[str, Any]], decoder: SampleDecoder, skips: SkipLog, seed: Sequence[int]
+) -> Iterator[dict[str, Any]]:
     """Decoded samples; a sample whose decoding fails in any way is logged, counted and skipped.
 
     ``seed`` (with each sample's key) seeds its augmentation (``sample_rng``).
@@ -404,8 +420,14 @@ class ShardLoader:
     counts as consumed.
     """
 
-    def __init__(self, stream: ShardStream, num_workers: int, batches_per_epoch: int | None, on_skips: Callable[[int], None],
-                 counts_own_consumption: bool):
+    def __init__(
+        self,
+        stream: ShardStream,
+        num_workers: int,
+        batches_per_epoch: int | None,
+        on_skips: Callable[[int], None],
+        counts_own_consumption: bool,
+    ):
         self.stream, self.num_workers, self.batches_per_epoch = stream, num_workers, batches_per_epoch
         self.on_skips = on_skips
         self.counts_own_consumption = counts_own_consumption
@@ -464,8 +486,13 @@ class ShardLoader:
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, positions)
             positions = {consumer: position for part in gathered for consumer, position in part.items()}
-        return {"epoch": self.epoch, "delivered": self.delivered, "skipped": self.skipped, "positions": positions,
-                "consumers": self.stream.world_size * self.workers}
+        return {
+            "epoch": self.epoch,
+            "delivered": self.delivered,
+            "skipped": self.skipped,
+            "positions": positions,
+            "consumers": self.stream.world_size * self.workers,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         consumers = self.stream.world_size * self.workers
@@ -475,7 +502,10 @@ class ShardLoader:
         if state["consumers"] != consumers and self.delivered:
             log.warning(
                 "the checkpoint's data stream had %d consumers (ranks x workers), this run has %d: epoch %d restarts its "
-                "stream from the beginning for its remaining %d batches.", state["consumers"], consumers, self.epoch,
+                "stream from the beginning for its remaining %d batches.",
+                state["consumers"],
+                consumers,
+                self.epoch,
                 self.batches_per_epoch - self.delivered,
             )
             return
@@ -529,9 +559,14 @@ class ShardDataModule(pl.LightningDataModule):
         max_consecutive_skips: int = 1000,
     ):
         super().__init__()
-        for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                   ("shuffle_buffer", shuffle_buffer, 0), ("batches_per_epoch", batches_per_epoch, 1),
-                                   ("user_buffer", user_buffer, 1), ("max_consecutive_skips", max_consecutive_skips, 1)):
+        for name, value, least in (
+            ("batch_size", batch_size, 1),
+            ("num_workers", num_workers, 0),
+            ("shuffle_buffer", shuffle_buffer, 0),
+            ("batches_per_epoch", batches_per_epoch, 1),
+            ("user_buffer", user_buffer, 1),
+            ("max_consecutive_skips", max_consecutive_skips, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"{name}={value!r}: use a whole number >= {least}.")
         sides = (resolution,) if isinstance(resolution, int) else tuple(resolution or ())
@@ -577,19 +612,36 @@ class ShardDataModule(pl.LightningDataModule):
         if len(shards) < consumers and rank == 0:
             log.warning(
                 "%d shard(s) for %d consumers (ranks x workers): every worker reads all shards and keeps its share "
-                "of the samples. Write at least %d shards to read each once.", len(shards), consumers, consumers,
+                "of the samples. Write at least %d shards to read each once.",
+                len(shards),
+                consumers,
+                consumers,
             )
         return ShardStream(
-            shards, self.sample_decoder(train), self.batch_size, train, rank, world_size, self.seed,
-            self.shuffle_buffer, self.users_per_batch, self.user_buffer, self.max_consecutive_skips,
+            shards,
+            self.sample_decoder(train),
+            self.batch_size,
+            train,
+            rank,
+            world_size,
+            self.seed,
+            self.shuffle_buffer,
+            self.users_per_batch,
+            self.user_buffer,
+            self.max_consecutive_skips,
         )
 
     def count_skips(self, count: int) -> None:
         self.skipped_samples += count
 
     def loader(self, spec: str, train: bool, num_workers: int) -> ShardLoader:
-        return ShardLoader(self.stream(spec, train, num_workers), num_workers, self.batches_per_epoch if train else None,
-                           self.count_skips, counts_own_consumption=self.trainer is None)
+        return ShardLoader(
+            self.stream(spec, train, num_workers),
+            num_workers,
+            self.batches_per_epoch if train else None,
+            self.count_skips,
+            counts_own_consumption=self.trainer is None,
+        )
 
     def train_dataloader(self) -> ShardLoader:
         self.train_loader = self.loader(self.train_shards, True, self.num_workers)
@@ -606,7 +658,11 @@ class ShardDataModule(pl.LightningDataModule):
 
     def teardown(self, stage: str) -> None:
         if self.skipped_samples:
-            log.warning("%s skipped %d sample(s) so far (see the warnings for which and why).", type(self).__name__, self.skipped_samples)
+            log.warning(
+                "%s skipped %d sample(s) so far (see the warnings for which and why).",
+                type(self).__name__,
+                self.skipped_samples,
+            )
 
 
 def check_every_consumer_has_shards(spec: str, shards: list[str], consumers: int) -> None:

@@ -41,7 +41,9 @@ class UnpairedDecoder(SampleDecoder):
         common = self.common(sample, metadata)
         if self.source == "unpaired":
             role = "video" if any(name.startswith("video.") for name in sample) else "image"
-            return [{**self.media(sample, {role: ""}, rng), **common, LABEL: int(parse_flag(LABEL, metadata.get(LABEL, 1)))}]
+            return [
+                {**self.media(sample, {role: ""}, rng), **common, LABEL: int(parse_flag(LABEL, metadata.get(LABEL, 1)))}
+            ]
         if self.source == "winners":
             return [{**self.media(sample, {"winner": ""}, rng), **common, LABEL: 1}]
         winner, loser, shared = split_roles(self.media(sample, PAIR_ROLES, rng))  # shared: precomputed prompt tensors

@@ -41,6 +41,11 @@ class VideoPreferenceDataModule(PreferenceDataModule):
         **kwargs,
     ):
         super().__init__(
-            train_shards, num_frames=num_frames, frame_stride=frame_stride, fps=fps,
-            random_temporal_crop=random_temporal_crop, resolution=resolution, **kwargs,
+            train_shards,
+            num_frames=num_frames,
+            frame_stride=frame_stride,
+            fps=fps,
+            random_temporal_crop=random_temporal_crop,
+            resolution=resolution,
+            **kwargs,
         )

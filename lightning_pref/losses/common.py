@@ -20,9 +20,7 @@ from lightning_pref.errors import ConfigError
 PreferenceLossKind = Literal["sigmoid", "hinge", "ipo"]
 
 
-def implicit_reward_margin(
-    policy_w: Tensor, policy_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float
-) -> Tensor:
+def implicit_reward_margin(policy_w: Tensor, policy_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float) -> Tensor:
     """Diffusion-DPO's inside term ``u = -(beta/2) * ((policy_w - policy_l) - (ref_w - ref_l))`` ``[paper]`` ``[code]``.
 
     Wallace et al. 2024 (arXiv 2311.12908), Eq. 14, with the ``T * omega(lambda_t)`` factor folded into

@@ -196,8 +196,11 @@ class PreferenceDiffusionModule(pl.LightningModule):
         #: what the policy is compared with (lightning_pref.reference); a plain attribute, not a submodule
         self.reference: Reference | None = None
         if self.uses_reference:
-            self.reference = AdaptersDisabled(self.denoiser, adapter_config) if adapter_config else FrozenCopy(
-                self.denoiser, offload=reference_offload)
+            self.reference = (
+                AdaptersDisabled(self.denoiser, adapter_config)
+                if adapter_config
+                else FrozenCopy(self.denoiser, offload=reference_offload)
+            )
         if backbone.gradient_checkpointing_by_default if gradient_checkpointing is None else gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
 
@@ -299,7 +302,9 @@ class PreferenceDiffusionModule(pl.LightningModule):
             stream = (self.seed, stage, batch_idx)
         num_pairs = batch_size_of(batch)
         first = self.global_rank * num_pairs
-        return PairRandomness.for_pairs(stream, range(first, first + num_pairs), total=num_pairs * self.trainer.world_size)
+        return PairRandomness.for_pairs(
+            stream, range(first, first + num_pairs), total=num_pairs * self.trainer.world_size
+        )
 
     def prepare_samples(self, batch: dict[str, Any], random: PairRandomness) -> Samples:
         """The step's clean samples: a pair batch's ``[winners; losers]`` (``prepare_pairs``), or, for a
@@ -352,14 +357,19 @@ class PreferenceDiffusionModule(pl.LightningModule):
             t, noise = t.repeat(2), noise.repeat(2, *([1] * (noise.ndim - 1)))
         x0 = samples.latents
         return NoisySamples(
-            self.process.add_noise(x0, noise, t), self.process.target(x0, noise, t), noise, t,
+            self.process.add_noise(x0, noise, t),
+            self.process.target(x0, noise, t),
+            noise,
+            t,
             self.process.error_weight(t).to(x0.device),
         )
 
     def sample_errors(self, noisy: NoisySamples, conditioning: Conditioning, batch: dict[str, Any]) -> SampleErrors:
         """Per-row errors of the policy (with grad) and the reference (no grad), one forward each over all rows."""
         model_t = self.process.model_timesteps(noisy.timesteps)
-        prediction = self.backbone.predict(self.denoiser, noisy.x_t, model_t, self.policy_conditioning(conditioning, batch))
+        prediction = self.backbone.predict(
+            self.denoiser, noisy.x_t, model_t, self.policy_conditioning(conditioning, batch)
+        )
         squared = mean_squared_error(prediction, noisy.target)
         policy = squared * noisy.error_weight
         num_pairs = len(noisy.timesteps) // 2 if pair_media(batch) is not None else None
@@ -369,7 +379,9 @@ class PreferenceDiffusionModule(pl.LightningModule):
         if self.reference is None:
             reference = torch.zeros_like(policy)
         else:
-            reference_prediction = self.reference_prediction(noisy.x_t, model_t, self.reference_conditioning(conditioning, batch))
+            reference_prediction = self.reference_prediction(
+                noisy.x_t, model_t, self.reference_conditioning(conditioning, batch)
+            )
             reference = mean_squared_error(reference_prediction, noisy.target) * noisy.error_weight
         return SampleErrors(policy, reference, squared.detach(), noisy, num_pairs, loser_scale)
 
@@ -378,10 +390,14 @@ class PreferenceDiffusionModule(pl.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement compute_loss().")
 
     # ------------------------------------------------------------------------ cross-method options
-    def safeguard_loser(self, prediction: Tensor, noisy: NoisySamples, policy: Tensor, num_pairs: int) -> tuple[Tensor, Tensor]:
+    def safeguard_loser(
+        self, prediction: Tensor, noisy: NoisySamples, policy: Tensor, num_pairs: int
+    ) -> tuple[Tensor, Tensor]:
         """The policy's errors with the losers' gradient scaled by the safeguard's ``lambda``, and ``lambda``."""
         residual_w, residual_l = (prediction.detach().float() - noisy.target.float()).split(num_pairs)
-        scale = loser_gradient_scale(residual_w, residual_l, self.safeguard_mu, self.safeguard_scope, noisy.error_weight[:num_pairs])
+        scale = loser_gradient_scale(
+            residual_w, residual_l, self.safeguard_mu, self.safeguard_scope, noisy.error_weight[:num_pairs]
+        )
         policy_w, policy_l = policy.split(num_pairs)
         return torch.cat([policy_w, scale_gradient(policy_l, scale.to(policy_l.device))]), scale
 
@@ -421,7 +437,9 @@ class PreferenceDiffusionModule(pl.LightningModule):
         weights under LoRA, the whole denoiser in a full fine-tune. ``self.reference.install(snapshot)`` makes
         them the reference."""
         if self.finetune == "lora":
-            return {name: p.detach().to("cpu", copy=True) for name, p in self.denoiser.named_parameters() if p.requires_grad}
+            return {
+                name: p.detach().to("cpu", copy=True) for name, p in self.denoiser.named_parameters() if p.requires_grad
+            }
         return {name: value.detach().to("cpu", copy=True) for name, value in self.denoiser.state_dict().items()}
 
     def checked_reference(self) -> Reference:
@@ -446,14 +464,22 @@ class PreferenceDiffusionModule(pl.LightningModule):
         with ``skip`` the step's gradients are dropped in ``on_before_optimizer_step``."""
         if bool(torch.isfinite(loss)):
             return
-        bad = [f"{name} ({int((~torch.isfinite(value)).sum())} of {value.numel()})" for name, value in terms.items()
-               if not bool(torch.isfinite(value).all())]
-        cause = (f"non-finite errors: {', '.join(bad)}; the inputs or the weights hold NaN/Inf (a corrupt latent, "
-                 "or a learning rate that blew the weights up)" if bad else
-                 f"every error is finite, so the loss's own options overflow (beta={self.beta})")
+        bad = [
+            f"{name} ({int((~torch.isfinite(value)).sum())} of {value.numel()})"
+            for name, value in terms.items()
+            if not bool(torch.isfinite(value).all())
+        ]
+        cause = (
+            f"non-finite errors: {', '.join(bad)}; the inputs or the weights hold NaN/Inf (a corrupt latent, "
+            "or a learning rate that blew the weights up)"
+            if bad
+            else f"every error is finite, so the loss's own options overflow (beta={self.beta})"
+        )
         message = f"step {self.global_step}: the loss is {loss.item()}, {cause}."
         if self.nonfinite == "stop":
-            raise TrainingError(f"{message} Stopped before the optimizer step; `nonfinite: skip` skips such steps instead.")
+            raise TrainingError(
+                f"{message} Stopped before the optimizer step; `nonfinite: skip` skips such steps instead."
+            )
         log.warning("%s The optimizer step is skipped.", message)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -468,7 +494,9 @@ class PreferenceDiffusionModule(pl.LightningModule):
                 f"step {self.global_step}: the gradient of {first} holds NaN/Inf; stopped before the optimizer step "
                 "(check the data and the learning rate; `nonfinite: skip` skips such steps instead)."
             )
-        log.warning("step %d: the gradient of %s holds NaN/Inf; this optimizer step is skipped.", self.global_step, first)
+        log.warning(
+            "step %d: the gradient of %s holds NaN/Inf; this optimizer step is skipped.", self.global_step, first
+        )
         for _, param in named:
             param.grad = None
         self.log("train/skipped_step", 1.0, on_step=True, on_epoch=False)
@@ -476,7 +504,9 @@ class PreferenceDiffusionModule(pl.LightningModule):
     # --------------------------------------------------------------------------------------- logging
     def log_metrics(self, stage: str, loss: Tensor, metrics: dict[str, Tensor], batch_size: int) -> None:
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size)
+        self.log(
+            f"{stage}/loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size
+        )
         self.log_dict(
             {f"{stage}/{name}": value for name, value in metrics.items()},
             prog_bar=False,
@@ -499,7 +529,10 @@ class PreferenceDiffusionModule(pl.LightningModule):
         """What the optimizer's parameter groups hold: ``lr`` (times the pairs per step with ``scale_lr``),
         ``weight_decay`` and, for AdamW, ``betas``."""
         hp = self.hparams
-        options = {"lr": hp.lr * self.pairs_per_optimizer_step() if hp.scale_lr else hp.lr, "weight_decay": hp.weight_decay}
+        options = {
+            "lr": hp.lr * self.pairs_per_optimizer_step() if hp.scale_lr else hp.lr,
+            "weight_decay": hp.weight_decay,
+        }
         if hp.optimizer == "adamw":
             options["betas"] = tuple(hp.adam_betas)
         return options
@@ -511,7 +544,9 @@ class PreferenceDiffusionModule(pl.LightningModule):
         else:
             from transformers.optimization import Adafactor
 
-            optimizer = Adafactor(params, **self.optimizer_options(), scale_parameter=False, relative_step=False, warmup_init=False)
+            optimizer = Adafactor(
+                params, **self.optimizer_options(), scale_parameter=False, relative_step=False, warmup_init=False
+            )
         warmup = self.hparams.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -554,6 +589,3 @@ class PreferenceDiffusionModule(pl.LightningModule):
                 "it was written by a different configuration (finetune, LoRA rank or target modules). Resume "
                 "with the configuration that wrote it."
             )
-
-
-

@@ -24,11 +24,19 @@ class DiffusionDPO(PreferenceDiffusionModule):
     ``scale_lr``, warm-up 500 / 200, caption dropout 0.2, gradient clipping 1.0 (a Trainer option).
     """
 
-    def __init__(self, *args: Any, loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid", label_smoothing: float = 0.0, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid",
+        label_smoothing: float = 0.0,
+        **kwargs: Any,
+    ):
         check_preference_loss_options(loss_type, label_smoothing)
         super().__init__(*args, **kwargs)
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
 
     def compute_loss(self, errors: SampleErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        return diffusion_dpo_loss(*errors.as_args(), beta=self.beta, kind=self.loss_type, label_smoothing=self.label_smoothing)
+        return diffusion_dpo_loss(
+            *errors.as_args(), beta=self.beta, kind=self.loss_type, label_smoothing=self.label_smoothing
+        )

@@ -40,7 +40,9 @@ class DPOClipMask(ImportanceWeightedModule):
 
     def __init__(self, *args: Any, mask_threshold: float = 0.9, margin_clip: float | None = None, **kwargs: Any):
         if mask_threshold is None:
-            raise ConfigError("DPOClipMask needs a mask_threshold (0.9 in the paper); without a mask it is DiffusionDPO.")
+            raise ConfigError(
+                "DPOClipMask needs a mask_threshold (0.9 in the paper); without a mask it is DiffusionDPO."
+            )
         check_importance_options(margin_clip=margin_clip)
         super().__init__(*args, mask_threshold=mask_threshold, **kwargs)
         self.margin_clip = margin_clip
@@ -48,6 +50,11 @@ class DPOClipMask(ImportanceWeightedModule):
     def compute_loss(self, errors: SampleErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         weight_w, weight_l = self.importance_weights(errors)
         loss, metrics = dpo_clip_mask_loss(
-            *errors.as_args(), weight_w, weight_l, beta=self.beta, mask_threshold=self.mask_threshold, margin_clip=self.margin_clip
+            *errors.as_args(),
+            weight_w,
+            weight_l,
+            beta=self.beta,
+            mask_threshold=self.mask_threshold,
+            margin_clip=self.margin_clip,
         )
         return loss, {**metrics, **self.weight_metrics(errors, weight_w, weight_l)}

@@ -60,7 +60,9 @@ class ImportanceWeightedModule(PreferenceDiffusionModule):
         noisy = super().noise_samples(samples, random)
         if self.weight_estimator == "expected":
             return noisy
-        standard_normal = random.normal((2,)).T.flatten().double()  # one per sample, [winners; losers], from its pair's stream
+        standard_normal = (
+            random.normal((2,)).T.flatten().double()
+        )  # one per sample, [winners; losers], from its pair's stream
         return ImportanceNoisySamples(**vars(noisy), standard_normal=standard_normal)
 
     def importance_weights(self, errors: SampleErrors) -> tuple[Tensor, Tensor]:
@@ -70,7 +72,10 @@ class ImportanceWeightedModule(PreferenceDiffusionModule):
         if self.kl_reduction == "sum":  # the KL of the whole latent
             squared_error = squared_error * errors.noisy.x_t[0].numel()
         log_weight = self.process.log_importance_weight(
-            errors.noisy.timesteps, squared_error, self.weight_estimator, self.importance_step,
+            errors.noisy.timesteps,
+            squared_error,
+            self.weight_estimator,
+            self.importance_step,
             getattr(errors.noisy, "standard_normal", None),
         )
         return errors.halves(log_weight.exp())

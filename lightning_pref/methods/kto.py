@@ -69,10 +69,14 @@ class DiffusionKTO(PreferenceDiffusionModule):
     def compute_loss(self, errors: SampleErrors, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         if errors.num_pairs is None:  # unpaired samples carry their own labels
             if LABEL not in batch:
-                raise DataError(f"DiffusionKTO got an unpaired batch without 'label' (it has {sorted(batch)}): give the "
-                                "DataModule labelled samples (UnpairedDataModule reads 'label' from each sample's json).")
+                raise DataError(
+                    f"DiffusionKTO got an unpaired batch without 'label' (it has {sorted(batch)}): give the "
+                    "DataModule labelled samples (UnpairedDataModule reads 'label' from each sample's json)."
+                )
             return self.labelled_loss(errors.policy, errors.reference, batch[LABEL].to(errors.policy.device).bool())
-        desirable = torch.arange(len(errors.policy), device=errors.policy.device) < errors.num_pairs  # [winners; losers]
+        desirable = (
+            torch.arange(len(errors.policy), device=errors.policy.device) < errors.num_pairs
+        )  # [winners; losers]
         loss, metrics = self.labelled_loss(errors.policy, errors.reference, desirable)
         margin = implicit_reward_margin(*errors.as_args(), beta=self.beta)
         return loss, {**pairwise_metrics(margin, *errors.as_args()), **metrics}

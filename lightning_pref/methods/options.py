@@ -12,8 +12,14 @@ log = logging.getLogger(__name__)
 
 
 def check_training_options(
-    beta: float, lr: float, weight_decay: float, adam_betas: tuple[float, float], warmup_steps: int,
-    lora_rank: int, lora_alpha: float | None, lora_dropout: float,
+    beta: float,
+    lr: float,
+    weight_decay: float,
+    adam_betas: tuple[float, float],
+    warmup_steps: int,
+    lora_rank: int,
+    lora_alpha: float | None,
+    lora_dropout: float,
 ) -> None:
     """Refuse options that cannot train: a non-positive or non-finite beta (``beta: 0`` learns nothing,
     ``beta: -1000`` trains toward the losers) or learning rate, and the like."""
@@ -66,11 +72,16 @@ def check_resumed_options(saved: dict[str, Any], given: dict[str, Any]) -> set[s
     def plain(value: Any) -> Any:
         return list(value) if isinstance(value, (tuple, list)) else value
 
-    changed = {key: (saved[key], value) for key, value in given.items()
-               if key in saved and not key.startswith("_") and plain(saved[key]) != plain(value)}
+    changed = {
+        key: (saved[key], value)
+        for key, value in given.items()
+        if key in saved and not key.startswith("_") and plain(saved[key]) != plain(value)
+    }
     shaping = {key: pair for key, pair in changed.items() if key in TENSOR_SHAPING_OPTIONS}
     if shaping:
-        described = ", ".join(f"{key}: {old!r} in the checkpoint, {new!r} in the config" for key, (old, new) in shaping.items())
+        described = ", ".join(
+            f"{key}: {old!r} in the checkpoint, {new!r} in the config" for key, (old, new) in shaping.items()
+        )
         raise CheckpointError(
             f"cannot resume: {described}. These options shape the trained tensors: resume with the checkpoint's "
             "values, or start a new run without --ckpt_path."

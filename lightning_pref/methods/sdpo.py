@@ -40,7 +40,11 @@ class SDPO(ImportanceWeightedModule):
     """
 
     def __init__(
-        self, *args: Any, clip_eps: float = 0.2, weight_placement: Literal["inside", "outside"] = "inside", **kwargs: Any
+        self,
+        *args: Any,
+        clip_eps: float = 0.2,
+        weight_placement: Literal["inside", "outside"] = "inside",
+        **kwargs: Any,
     ):
         check_importance_options(clip_eps=clip_eps, placement=weight_placement)
         super().__init__(*args, **kwargs)

@@ -61,7 +61,9 @@ class SampleErrors:
     def halves(self, rows: Tensor) -> tuple[Tensor, Tensor]:
         """``(winners, losers)`` of per-row values."""
         if self.num_pairs is None:
-            raise DataError("these errors are of unpaired samples: a pairwise loss needs pair batches (winners and losers).")
+            raise DataError(
+                "these errors are of unpaired samples: a pairwise loss needs pair batches (winners and losers)."
+            )
         return rows[: self.num_pairs], rows[self.num_pairs :]
 
     @property

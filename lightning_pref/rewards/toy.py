@@ -34,9 +34,7 @@ TEMPLATE_REACH = 2.5  # the canonical frame spans +-2.5 radii of gyration around
 
 def background_colors(images: Tensor) -> Tensor:
     """``(B, 3)``: the per-channel median of each image's one-pixel border."""
-    border = torch.cat(
-        [images[:, :, 0, :], images[:, :, -1, :], images[:, :, 1:-1, 0], images[:, :, 1:-1, -1]], dim=-1
-    )
+    border = torch.cat([images[:, :, 0, :], images[:, :, -1, :], images[:, :, 1:-1, 0], images[:, :, 1:-1, -1]], dim=-1)
     return border.median(dim=-1).values
 
 
@@ -101,7 +99,7 @@ def normalize_masks(masks: Tensor) -> Tensor:
     area = masks.sum(dim=(1, 2)).clamp(min=1)
     center_y = (masks * ys).sum(dim=(1, 2)) / area
     center_x = (masks * xs).sum(dim=(1, 2)) / area
-    squared_radius = (masks * ((ys - center_y[:, None, None]) ** 2 + (xs - center_x[:, None, None]) ** 2))
+    squared_radius = masks * ((ys - center_y[:, None, None]) ** 2 + (xs - center_x[:, None, None]) ** 2)
     gyration = (squared_radius.sum(dim=(1, 2)) / area).sqrt().clamp(min=0.5)
     offsets = torch.linspace(-TEMPLATE_REACH, TEMPLATE_REACH, TEMPLATE_GRID, device=masks.device)
     sample_x = center_x[:, None] + gyration[:, None] * offsets  # (B, G) pixel coordinates

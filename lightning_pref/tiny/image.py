@@ -166,9 +166,7 @@ def write_tiny_sd_pipeline(
     unet_extra = {}
     if variant == "sdxl":
         tokenizer.save_pretrained(path / "tokenizer_2")
-        tiny_text_encoder(vocab_size, text_width, projection_dim=text_width).save_pretrained(
-            path / "text_encoder_2"
-        )
+        tiny_text_encoder(vocab_size, text_width, projection_dim=text_width).save_pretrained(path / "text_encoder_2")
         components["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
         components["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
         # SDXL conditions on both encoders' hidden states (concatenated) plus pooled text + 6 time ids.
@@ -228,7 +226,9 @@ def write_tiny_sd3_pipeline(path: str | Path, *, with_t5: bool = True) -> Path:
     components: dict[str, list[str | None]] = {}
     for suffix, width in zip(("", "_2"), clip_widths):
         clip_tokenizer.save_pretrained(path / f"tokenizer{suffix}")
-        tiny_text_encoder(len(clip_tokenizer), width, projection_dim=width).save_pretrained(path / f"text_encoder{suffix}")
+        tiny_text_encoder(len(clip_tokenizer), width, projection_dim=width).save_pretrained(
+            path / f"text_encoder{suffix}"
+        )
         components[f"tokenizer{suffix}"] = ["transformers", "CLIPTokenizer"]
         components[f"text_encoder{suffix}"] = ["transformers", "CLIPTextModelWithProjection"]
     components["tokenizer_3"] = components["text_encoder_3"] = [None, None]

@@ -46,12 +46,17 @@ def win_rate(tuned: torch.Tensor, base: torch.Tensor) -> float:
     return win_fraction(tuned, base).item()
 
 
-def compare_with_base(base_images: torch.Tensor, tuned_images: torch.Tensor, prompts: Sequence[str]) -> dict[str, float]:
+def compare_with_base(
+    base_images: torch.Tensor, tuned_images: torch.Tensor, prompts: Sequence[str]
+) -> dict[str, float]:
     """Win rate of tuned over base images drawn from the same noise, and the mean reward and its parts of each."""
     reward = ToyPreferenceReward("warm")
     tuned_reward, base_reward = reward.score(tuned_images, prompts), reward.score(base_images, prompts)
-    result = {"win_rate": win_rate(tuned_reward, base_reward), "base_reward": base_reward.mean().item(),
-              "tuned_reward": tuned_reward.mean().item()}
+    result = {
+        "win_rate": win_rate(tuned_reward, base_reward),
+        "base_reward": base_reward.mean().item(),
+        "tuned_reward": tuned_reward.mean().item(),
+    }
     for part in (WarmthReward(), ShapeAgreementReward()):
         result[f"base_{part.name}"] = part.score(base_images, prompts).mean().item()
         result[f"tuned_{part.name}"] = part.score(tuned_images, prompts).mean().item()
@@ -80,14 +85,22 @@ def error_drift(tuned: Backbone, base: Backbone, pairs: str | Path, draws: int =
             x_t, target = tuned.process.add_noise(x0, noise, t), tuned.process.target(x0, noise, t)
             model_t = tuned.process.model_timesteps(t)
             for row, backbone in enumerate((tuned, base)):
-                error = (backbone.predict(backbone.denoiser, x_t, model_t, conditioning).float() - target).pow(2).flatten(1).mean(1)
+                error = (
+                    (backbone.predict(backbone.denoiser, x_t, model_t, conditioning).float() - target)
+                    .pow(2)
+                    .flatten(1)
+                    .mean(1)
+                )
                 totals[row] += torch.stack([part.sum() for part in error.chunk(2)]).double()
     change = totals[0] / totals[1] - 1
     return {"winner_error_change": change[0].item(), "loser_error_change": change[1].item()}
 
 
 def evaluate_against_base(
-    tuned: Backbone, base_images: torch.Tensor | None, seeds_per_prompt: int, heldout_pairs: str | Path,
+    tuned: Backbone,
+    base_images: torch.Tensor | None,
+    seeds_per_prompt: int,
+    heldout_pairs: str | Path,
     progress: bool = False,
 ) -> dict[str, float]:
     """Win rate, rewards and drift of ``tuned`` against the base model of its pipeline (``tuned.pretrained``).
@@ -112,8 +125,13 @@ def verdict(result: dict[str, float]) -> str:
     interval above one half) without collapsing -- with the win rate, the reward and the winners' drift."""
     low, high = win_rate_interval(result["win_rate"], result["samples"])
     beats_base, collapsed = low > 0.5, result["collapsed"]
-    why = "" if beats_base and not collapsed else (
-        " (the model drifted off the data: collapsed)" if collapsed else " (the tuned model does not beat the base)")
+    why = (
+        ""
+        if beats_base and not collapsed
+        else (
+            " (the model drifted off the data: collapsed)" if collapsed else " (the tuned model does not beat the base)"
+        )
+    )
     return (
         f"{'ALIGNED' if beats_base and not collapsed else 'NOT ALIGNED'}{why}: tuned beats base on "
         f"{100 * result['win_rate']:.0f}% [{100 * low:.0f}, {100 * high:.0f}] of {result['samples']} held-out samples; "

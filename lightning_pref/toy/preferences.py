@@ -122,7 +122,10 @@ def generate_toy_preferences(
     flips = rng.random(num_pairs) < label_noise
     seeds = rng.integers(2**31, size=(num_pairs, 2))
     images = sample_images(
-        backbone, pair_prompts * 2, list(seeds[:, 0]) + list(seeds[:, 1]), batch_size,
+        backbone,
+        pair_prompts * 2,
+        list(seeds[:, 0]) + list(seeds[:, 1]),
+        batch_size,
         progress=f"sampling {2 * num_pairs} images" if progress else None,
     )
     first, second = images[:num_pairs], images[num_pairs:]
@@ -158,9 +161,17 @@ def generate_toy_preferences(
     out_dir = Path(out_dir)
     write_preference_shards(pairs(), out_dir, samples_per_shard=samples_per_shard)
     info = {
-        "settings": {"num_pairs": num_pairs, "prompts": list(prompts), "users": list(users), "label_noise": label_noise,
-                     "tie_threshold": tie_threshold, "seed": seed, "sampling_steps": SAMPLING_STEPS,
-                     "guidance_scale": GUIDANCE_SCALE, "pipeline": str(pipeline or "toy base model")},
+        "settings": {
+            "num_pairs": num_pairs,
+            "prompts": list(prompts),
+            "users": list(users),
+            "label_noise": label_noise,
+            "tie_threshold": tie_threshold,
+            "seed": seed,
+            "sampling_steps": SAMPLING_STEPS,
+            "guidance_scale": GUIDANCE_SCALE,
+            "pipeline": str(pipeline or "toy base model"),
+        },
         "counts": counts,
     }
     (out_dir / "info.json").write_text(json.dumps(info, indent=2))

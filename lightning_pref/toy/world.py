@@ -83,9 +83,7 @@ EVAL_PROMPTS: tuple[str, ...] = tuple(
 )
 
 
-def render(
-    shape: str, color: str, background: str, rng: np.random.Generator, size: int = IMAGE_SIZE
-) -> np.ndarray:
+def render(shape: str, color: str, background: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
     """Draw one shape; ``rng`` jitters its size and position. Returns a ``(size, size, 3)`` uint8 array."""
     _check_name("shape", shape, SHAPES)
     _check_name("color", color, COLORS)

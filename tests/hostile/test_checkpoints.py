@@ -78,17 +78,32 @@ ITEM_PAYLOAD = Hostile("fsdp2", "payload_in_item", "__9_0.distcp", "__9_0.distcp
 CORPUS = [
     FILE_PAYLOAD,
     ZERO2_PAYLOAD,
-    Hostile("zero2", "payload", "checkpoint/zero_pp_rank_1_mp_rank_00_optim_states.pt",
-            "checkpoint/zero_pp_rank_1_mp_rank_00_optim_states.pt", REFUSED),
-    Hostile("zero3", "payload", "checkpoint/zero_pp_rank_0_mp_rank_00_model_states.pt",
-            "checkpoint/zero_pp_rank_0_mp_rank_00_model_states.pt", REFUSED),
+    Hostile(
+        "zero2",
+        "payload",
+        "checkpoint/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "checkpoint/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        REFUSED,
+    ),
+    Hostile(
+        "zero3",
+        "payload",
+        "checkpoint/zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "checkpoint/zero_pp_rank_0_mp_rank_00_model_states.pt",
+        REFUSED,
+    ),
     METADATA_PAYLOAD,
     Hostile("fsdp2", "payload", "meta.pt", "meta.pt", REFUSED),
     ITEM_PAYLOAD,
-    *(Hostile(kind, damage, part, part, says)
-      for kind, part, says in [("file", "", NOT_TORCH_SAVE), ("zero2", ZERO2_MODEL, NOT_TORCH_SAVE),
-                               ("fsdp2", ".metadata", NOT_METADATA)]
-      for damage in ("zero_bytes", "random_bytes", "truncated")),
+    *(
+        Hostile(kind, damage, part, part, says)
+        for kind, part, says in [
+            ("file", "", NOT_TORCH_SAVE),
+            ("zero2", ZERO2_MODEL, NOT_TORCH_SAVE),
+            ("fsdp2", ".metadata", NOT_METADATA),
+        ]
+        for damage in ("zero_bytes", "random_bytes", "truncated")
+    ),
     Hostile("file", "wrong_layout", "", "", "is a directory but neither a DeepSpeed checkpoint"),
     Hostile("zero2", "wrong_layout", "latest", "latest", "names the tag 'global_step9'"),
     Hostile("fsdp2", "wrong_layout", "__1_0.distcp", ".metadata", "lists the data file '__1_0.distcp'"),
@@ -152,8 +167,11 @@ def craft(genuine: Path, case: Hostile, root: Path, marker: Path) -> Path:
         rewrite(part, saved({**torch.load(io.BytesIO(original), weights_only=False), "payload": Payload(marker)}))
     elif case.damage == "payload_in_item":  # a non-tensor item (an optimizer's lr) moved into a crafted data file
         metadata = checkpoints.read_metadata(checkpoint / ".metadata")
-        index = next(index for index in metadata.storage_data
-                     if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata))
+        index = next(
+            index
+            for index in metadata.storage_data
+            if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata)
+        )
         part.write_bytes(saved(Payload(marker)))
         metadata.storage_data[index] = _StorageInfo(part.name, 0, part.stat().st_size)
         rewrite(checkpoint / ".metadata", pickle.dumps(metadata))
@@ -186,8 +204,9 @@ def fit_from(pipeline: Path, checkpoint: Path, root: Path, strategy) -> Diffusio
     """``Trainer.fit(ckpt_path=checkpoint)`` on this process, up to step 4: a genuine step-4 checkpoint only loads."""
     module = diffusion_dpo(pipeline)
     with mock.patch.dict(os.environ):  # what Lightning and DeepSpeed set there for the run goes with it
-        trainer(root, 4, strategy=strategy, devices=1).fit(module, DataLoader(global_batch((3, 8, 8)), batch_size=4),
-                                                           ckpt_path=checkpoint)
+        trainer(root, 4, strategy=strategy, devices=1).fit(
+            module, DataLoader(global_batch((3, 8, 8)), batch_size=4), ckpt_path=checkpoint
+        )
     return module
 
 
@@ -237,8 +256,16 @@ def test_a_hostile_checkpoint_is_refused_in_one_line_and_runs_nothing(genuine, p
 def test_genuine_checkpoints_pass_and_export_the_weights_training_ended_with(genuine, pipeline, tmp_path, kind):
     checkpoint, final = genuine[kind]
     checkpoints.check_readable(checkpoint)
-    export_main(["--config", str(write_run_config(pipeline, tmp_path, "full")), "--checkpoint", str(checkpoint),
-                 "--out", str(tmp_path / "exported")])
+    export_main(
+        [
+            "--config",
+            str(write_run_config(pipeline, tmp_path, "full")),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(tmp_path / "exported"),
+        ]
+    )
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "exported" / "unet")
     assert unet.state_dict().keys() == final.keys()
     for key, value in unet.state_dict().items():
@@ -256,8 +283,9 @@ def test_lightnings_own_strategies_load_a_single_file_weights_only(genuine, pipe
     marker = tmp_path / "payload_ran"
     checkpoint = craft(genuine["file"][0], FILE_PAYLOAD, tmp_path / "crafted", marker)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        trainer(tmp_path, 4).fit(diffusion_dpo(pipeline), DataLoader(global_batch((3, 8, 8)), batch_size=4),
-                                 ckpt_path=checkpoint)
+        trainer(tmp_path, 4).fit(
+            diffusion_dpo(pipeline), DataLoader(global_batch((3, 8, 8)), batch_size=4), ckpt_path=checkpoint
+        )
     assert not marker.exists()
 
 
@@ -289,8 +317,11 @@ def test_the_libraries_own_loads_are_plain_data_inside_restricted_loading(genuin
     zero2 = craft(genuine["zero2"][0], ZERO2_PAYLOAD, tmp_path / "zero2", marker)
     metadata = craft(genuine["fsdp2"][0], METADATA_PAYLOAD, tmp_path / "metadata", marker)
     item = craft(genuine["fsdp2"][0], ITEM_PAYLOAD, tmp_path / "item", marker)
-    item_key = next(key for key, stored in checkpoints.read_metadata(item / ".metadata").storage_data.items()
-                    if stored.relative_path == "__9_0.distcp").fqn
+    item_key = next(
+        key
+        for key, stored in checkpoints.read_metadata(item / ".metadata").storage_data.items()
+        if stored.relative_path == "__9_0.distcp"
+    ).fqn
     with checkpoints.restricted_loading(zero2), pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         get_fp32_state_dict_from_zero_checkpoint(str(zero2))
     with checkpoints.restricted_loading(metadata), pytest.raises(CheckpointError, match=REFUSED):
@@ -308,7 +339,9 @@ def test_a_missing_checkpoint_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("case", [FILE_PAYLOAD, ZERO2_PAYLOAD, METADATA_PAYLOAD], ids=str)
-def test_the_command_line_refuses_a_crafted_checkpoint_before_the_run(genuine, tiny_sd, tiny_shards, tmp_path, capsys, case):
+def test_the_command_line_refuses_a_crafted_checkpoint_before_the_run(
+    genuine, tiny_sd, tiny_shards, tmp_path, capsys, case
+):
     from cli_helpers import tiny_config, write_config
 
     from lightning_pref.cli import main

@@ -56,8 +56,10 @@ def config(tiny_sd, tiny_shards, tmp_path):
         (["--model.init_args.warmup_steps", "-3"], "warmup_steps=-3"),
         (["--model.init_args.lora_rank", "0"], "lora_rank=0: use a rank >= 1"),
         (["--data.init_args.batch_size", "0"], "batch_size=0: use a whole number >= 1"),
-        (["--model.class_path", "lightning_pref.methods.MaPO", "--model.init_args.entropy_gamma", "10"],
-         "entropy_gamma flattens the reference, and MaPO has none"),
+        (
+            ["--model.class_path", "lightning_pref.methods.MaPO", "--model.init_args.entropy_gamma", "10"],
+            "entropy_gamma flattens the reference, and MaPO has none",
+        ),
     ],
 )
 def test_options_that_cannot_train_are_one_line(config, capsys, override, message):
@@ -80,19 +82,45 @@ def test_commands_and_choices_that_do_not_exist(capsys, args, message):
 
 
 def test_the_whole_output_of_a_refused_option_is_one_line(config):
-    result = subprocess.run([sys.executable, "-m", "lightning_pref.cli", "fit", "--config", config, "--model.init_args.beta", "-5"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_pref.cli", "fit", "--config", config, "--model.init_args.beta", "-5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert errors == ["lightning-pref: error: beta=-5.0: use a finite number > 0."]  # beside Lightning's "Seed set to 0"
+    assert errors == [
+        "lightning-pref: error: beta=-5.0: use a finite number > 0."
+    ]  # beside Lightning's "Seed set to 0"
 
 
 # ----------------------------------------------------------------------------------------- runs that go wrong
 def test_a_learning_rate_that_blows_up_stops_with_finite_checkpoints_only(config, tmp_path, capsys):
-    err = run_main(["fit", "--config", config, "--model.init_args.finetune", "full", "--model.init_args.lr", "1e6",
-                    "--trainer.max_steps", "20", "--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "--trainer.callbacks.dirpath", str(tmp_path / "ckpt"), "--trainer.callbacks.every_n_train_steps", "1",
-                    "--trainer.callbacks.save_top_k", "-1", "--data.init_args.batches_per_epoch", "20"], capsys)
+    err = run_main(
+        [
+            "fit",
+            "--config",
+            config,
+            "--model.init_args.finetune",
+            "full",
+            "--model.init_args.lr",
+            "1e6",
+            "--trainer.max_steps",
+            "20",
+            "--trainer.callbacks",
+            "lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.dirpath",
+            str(tmp_path / "ckpt"),
+            "--trainer.callbacks.every_n_train_steps",
+            "1",
+            "--trainer.callbacks.save_top_k",
+            "-1",
+            "--data.init_args.batches_per_epoch",
+            "20",
+        ],
+        capsys,
+    )
     assert err.count("\n") == 1 and ("the loss is nan" in err or "holds NaN/Inf" in err), err
     saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     for path in saved:
@@ -112,8 +140,15 @@ def test_a_nan_reaching_the_loss_never_touches_the_weights(sd_backbone, tmp_path
 
     module = DiffusionDPO(sd_backbone, finetune="full", nonfinite=mode)
     before = {name: value.clone() for name, value in module.denoiser.state_dict().items()}
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     batches = [nan_batch(), nan_batch()]
     if mode == "stop":
         with pytest.raises(TrainingError, match=r"step 0: the loss is nan, non-finite errors: policy_w \(1 of 2\)"):
@@ -128,15 +163,55 @@ def test_a_nan_reaching_the_loss_never_touches_the_weights(sd_backbone, tmp_path
 
 # ----------------------------------------------------------------------------------------------- resuming
 def test_resuming_refuses_other_tensors_and_applies_a_new_lr(config, tmp_path, capsys):
-    main(["fit", "--config", config, "--trainer.max_steps", "2", "--trainer.enable_checkpointing", "true",
-          "--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath", str(tmp_path / "ckpt")])
+    main(
+        [
+            "fit",
+            "--config",
+            config,
+            "--trainer.max_steps",
+            "2",
+            "--trainer.enable_checkpointing",
+            "true",
+            "--trainer.callbacks",
+            "lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.dirpath",
+            str(tmp_path / "ckpt"),
+        ]
+    )
     checkpoint = next((tmp_path / "ckpt").glob("*.ckpt"))
-    err = run_main(["fit", "--config", config, "--model.init_args.lora_rank", "4", "--ckpt_path", str(checkpoint),
-                    "--trainer.max_steps", "3"], capsys)
+    err = run_main(
+        [
+            "fit",
+            "--config",
+            config,
+            "--model.init_args.lora_rank",
+            "4",
+            "--ckpt_path",
+            str(checkpoint),
+            "--trainer.max_steps",
+            "3",
+        ],
+        capsys,
+    )
     assert "lora_rank: 8 in the checkpoint, 4 in the config" in err and err.count("\n") == 1
 
-    main(["fit", "--config", config, "--model.class_path", "cli_helpers.LrRecordingDPO", "--model.init_args.lr", "0.5",
-          "--model.init_args.beta", "5", "--ckpt_path", str(checkpoint), "--trainer.max_steps", "3"])
+    main(
+        [
+            "fit",
+            "--config",
+            config,
+            "--model.class_path",
+            "cli_helpers.LrRecordingDPO",
+            "--model.init_args.lr",
+            "0.5",
+            "--model.init_args.beta",
+            "5",
+            "--ckpt_path",
+            str(checkpoint),
+            "--trainer.max_steps",
+            "3",
+        ]
+    )
     assert LrRecordingDPO.seen == {"lr": 0.5, "beta": 5.0}
 
 
@@ -148,8 +223,15 @@ def test_checkpoints_are_written_atomically_and_a_failed_write_is_an_error(tiny_
     from lightning_pref.errors import CheckpointError
 
     def fit(dirpath):
-        trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             default_root_dir=tmp_path, callbacks=[ModelCheckpoint(dirpath=dirpath, every_n_train_steps=1, save_top_k=-1)])
+        trainer = pl.Trainer(
+            max_steps=2,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=[ModelCheckpoint(dirpath=dirpath, every_n_train_steps=1, save_top_k=-1)],
+        )
         trainer.fit(DiffusionDPO(StableDiffusionBackbone(str(tiny_sd))), DataLoader(random_pairs(4), batch_size=2))
         return trainer
 

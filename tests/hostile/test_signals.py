@@ -33,8 +33,14 @@ def shards(tmp_path_factory):
 def start_and_signal(pipeline, shards, out: Path, signum: int) -> tuple[int, float]:
     """Start a 10000-step fit, send ``signum`` after its second step; return its exit status and how long it
     took to stop after the signal."""
-    process = subprocess.Popen(script_command(pipeline, shards, out, steps=10000), cwd=out, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        script_command(pipeline, shards, out, steps=10000),
+        cwd=out,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     record = out / "losses-rank0.jsonl"
     deadline = time.monotonic() + 120
     while not (record.exists() and len(record.read_text().splitlines()) >= 2):
@@ -55,8 +61,14 @@ def test_sigterm_stops_within_seconds_with_a_checkpoint_that_resumes(pipeline, s
     stopped_at = losses(tmp_path, 1)[0][-1]["step"]
     checkpoint = tmp_path / "checkpoints" / "interrupted.ckpt"
     assert checkpoint.is_file(), f"exit status {status}"
-    resumed = subprocess.run(script_command(pipeline, shards, tmp_path, steps=stopped_at + 2, resume=checkpoint), cwd=tmp_path,
-                             capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    resumed = subprocess.run(
+        script_command(pipeline, shards, tmp_path, steps=stopped_at + 2, resume=checkpoint),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [row["step"] for row in losses(tmp_path, 1)[0]][-2:] == [stopped_at + 1, stopped_at + 2]
 

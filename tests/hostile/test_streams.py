@@ -50,8 +50,11 @@ def write_tar(path, members):
 
 
 def pair_members(key, caption="a cat", **metadata):
-    return [(f"{key}.winner.png", encode_image(WHITE)), (f"{key}.loser.png", encode_image(BLACK)),
-            (f"{key}.json", json.dumps({"caption": caption, **metadata}).encode())]
+    return [
+        (f"{key}.winner.png", encode_image(WHITE)),
+        (f"{key}.loser.png", encode_image(BLACK)),
+        (f"{key}.json", json.dumps({"caption": caption, **metadata}).encode()),
+    ]
 
 
 def first_batch(path, **options):
@@ -61,8 +64,15 @@ def first_batch(path, **options):
 
 
 def fit_steps(module, data, tmp_path, steps=2):
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=data)
     return trainer
 
@@ -87,7 +97,9 @@ def test_a_stream_whose_passes_read_nothing_fails_fast(tmp_path, num_workers):
     """One sample for three workers: two of them would wait forever for a sample of their share."""
     write_tar(tmp_path / "a.tar", pair_members("only"))
     (tmp_path / "b.tar").write_bytes(b"not a tar at all" * 64)  # unreadable: skipped (counted) on every pass
-    data = PreferenceDataModule(str(tmp_path), batch_size=1, num_workers=num_workers, batches_per_epoch=4, shuffle_buffer=0)
+    data = PreferenceDataModule(
+        str(tmp_path), batch_size=1, num_workers=num_workers, batches_per_epoch=4, shuffle_buffer=0
+    )
     if num_workers == 0:  # one consumer: it reads the one good sample, then every pass finds the bad shard only
         assert len(list(data.train_dataloader())) == 4
         return
@@ -96,8 +108,18 @@ def test_a_stream_whose_passes_read_nothing_fails_fast(tmp_path, num_workers):
 
 
 def test_every_sample_bad_fails_with_the_reasons(tmp_path):
-    write_tar(tmp_path / "a.tar", [member for i in range(6) for member in
-                                   [(f"k{i}.winner.png", b"broken"), (f"k{i}.loser.png", b"x"), (f"k{i}.json", b'{"caption": "c"}')]])
+    write_tar(
+        tmp_path / "a.tar",
+        [
+            member
+            for i in range(6)
+            for member in [
+                (f"k{i}.winner.png", b"broken"),
+                (f"k{i}.loser.png", b"x"),
+                (f"k{i}.json", b'{"caption": "c"}'),
+            ]
+        ],
+    )
     data = PreferenceDataModule(str(tmp_path), num_workers=1, batches_per_epoch=1, max_consecutive_skips=5)
     with pytest.raises(DataError, match=r"the last 5 samples were all skipped .*winner.png does not decode"):
         next(iter(data.train_dataloader()))
@@ -107,12 +129,24 @@ def test_every_sample_bad_fails_with_the_reasons(tmp_path):
 @pytest.mark.parametrize(
     ("members", "reason"),
     [
-        ([("img.v2.0000.winner.png", encode_image(WHITE)), ("img.v2.0000.loser.png", encode_image(BLACK)),
-          ("img.v2.0000.json", b'{"caption": "dots"}')], "the key holds a dot"),
+        (
+            [
+                ("img.v2.0000.winner.png", encode_image(WHITE)),
+                ("img.v2.0000.loser.png", encode_image(BLACK)),
+                ("img.v2.0000.json", b'{"caption": "dots"}'),
+            ],
+            "the key holds a dot",
+        ),
         (pair_members("list", caption=["a", "red"]), "its caption is a list, not a string"),
         (pair_members("flag", label_flipped="maybe"), "'label_flipped' is 'maybe', not true or false"),
-        ([("torn.winner.png", encode_image(WHITE)[:40]), ("torn.loser.png", encode_image(BLACK)), ("torn.json", b'{"caption": "c"}')],
-         "winner.png does not decode"),
+        (
+            [
+                ("torn.winner.png", encode_image(WHITE)[:40]),
+                ("torn.loser.png", encode_image(BLACK)),
+                ("torn.json", b'{"caption": "c"}'),
+            ],
+            "winner.png does not decode",
+        ),
     ],
     ids=["dotted-key", "list-caption", "bad-flag", "truncated-image"],
 )
@@ -130,7 +164,9 @@ def test_string_flags_read_as_booleans(tmp_path):
     _, batch = first_batch(tmp_path)
     assert batch["label_flipped"].tolist() == [False, True]
     write_preference_shards([{"winner": WHITE, "loser": BLACK, "caption": "c", "label": "0"}], tmp_path / "unpaired")
-    unpaired = UnpairedDataModule(str(tmp_path / "unpaired"), source="winners", batch_size=1, num_workers=0, batches_per_epoch=1)
+    unpaired = UnpairedDataModule(
+        str(tmp_path / "unpaired"), source="winners", batch_size=1, num_workers=0, batches_per_epoch=1
+    )
     assert next(iter(unpaired.train_dataloader()))["label"].tolist() == [1]
 
 
@@ -142,7 +178,11 @@ def latent_members(key, **tensors):
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 @pytest.mark.parametrize("field", ["latents_w", "encoder_hidden_states"])
 def test_a_non_finite_precomputed_tensor_is_skipped_and_training_stays_finite(tmp_path, sd_backbone, field, poison):
-    good = {"latents_w": torch.randn(4, 8, 8), "latents_l": torch.randn(4, 8, 8), "encoder_hidden_states": torch.randn(77, 32)}
+    good = {
+        "latents_w": torch.randn(4, 8, 8),
+        "latents_l": torch.randn(4, 8, 8),
+        "encoder_hidden_states": torch.randn(77, 32),
+    }
     members = [member for i in range(6) for member in latent_members(f"ok{i}", **{k: v + i for k, v in good.items()})]
     poisoned = dict(good)
     poisoned[field] = good[field].clone()
@@ -156,18 +196,34 @@ def test_a_non_finite_precomputed_tensor_is_skipped_and_training_stays_finite(tm
 
 
 def test_latents_of_another_model_are_refused_by_channel_count(tmp_path, sd_backbone):
-    write_tar(tmp_path / "a.tar", latent_members("k", latents_w=torch.randn(16, 8, 8), latents_l=torch.randn(16, 8, 8),
-                                                 encoder_hidden_states=torch.randn(77, 32)))
+    write_tar(
+        tmp_path / "a.tar",
+        latent_members(
+            "k",
+            latents_w=torch.randn(16, 8, 8),
+            latents_l=torch.randn(16, 8, 8),
+            encoder_hidden_states=torch.randn(77, 32),
+        ),
+    )
     data = PreferenceDataModule(str(tmp_path), batch_size=1, num_workers=0, batches_per_epoch=1)
     with pytest.raises(DataError, match="have 16 channels, but StableDiffusionBackbone's denoiser takes 4"):
         fit_steps(DiffusionDPO(sd_backbone), data, tmp_path, steps=1)
 
 
 def test_embeddings_of_another_text_encoder_are_refused_by_width(tmp_path, sd_backbone):
-    write_tar(tmp_path / "a.tar", latent_members("k", latents_w=torch.randn(4, 8, 8), latents_l=torch.randn(4, 8, 8),
-                                                 encoder_hidden_states=torch.randn(77, 768)))
+    write_tar(
+        tmp_path / "a.tar",
+        latent_members(
+            "k",
+            latents_w=torch.randn(4, 8, 8),
+            latents_l=torch.randn(4, 8, 8),
+            encoder_hidden_states=torch.randn(77, 768),
+        ),
+    )
     data = PreferenceDataModule(str(tmp_path), batch_size=1, num_workers=0, batches_per_epoch=1)
-    with pytest.raises(DataError, match="'encoder_hidden_states' is 768 wide, but StableDiffusionBackbone's denoiser takes 32"):
+    with pytest.raises(
+        DataError, match="'encoder_hidden_states' is 768 wide, but StableDiffusionBackbone's denoiser takes 32"
+    ):
         fit_steps(DiffusionDPO(sd_backbone), data, tmp_path, steps=1)
 
 
@@ -175,10 +231,14 @@ def test_embeddings_of_another_text_encoder_are_refused_by_width(tmp_path, sd_ba
 def test_videos_for_an_image_model_and_a_resolution_the_unet_cannot_take(sd_backbone):
     module = DiffusionDPO(sd_backbone)
     videos = {"pixels_w": torch.zeros(1, 3, 4, 16, 16), "pixels_l": torch.zeros(1, 3, 4, 16, 16), "prompt": ["a"]}
-    with pytest.raises(DataError, match=r"are videos \(1, 3, 4, 16, 16\), but StableDiffusionBackbone trains on images"):
+    with pytest.raises(
+        DataError, match=r"are videos \(1, 3, 4, 16, 16\), but StableDiffusionBackbone trains on images"
+    ):
         module.prepare_pairs(videos, None)
     odd = {"pixels_w": torch.zeros(1, 3, 14, 14), "pixels_l": torch.zeros(1, 3, 14, 14), "prompt": ["a"]}
-    with pytest.raises(DataError, match=r"needs sides divisible by 4: set the DataModule's `resolution` \(a multiple of 4 pixels\)"):
+    with pytest.raises(
+        DataError, match=r"needs sides divisible by 4: set the DataModule's `resolution` \(a multiple of 4 pixels\)"
+    ):
         module.prepare_pairs(odd, None)
 
 

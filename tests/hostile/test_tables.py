@@ -55,8 +55,17 @@ BRIGHT, DARK = jpeg(250), jpeg(10)
 def pickapic_row(caption="a cat", label_0=1.0, label_1=None, **extra):
     """A Pick-a-Pic row whose bright image wins when ``label_0`` is 1."""
     label_1 = 1 - label_0 if label_1 is None else label_1
-    return {"caption": caption, "jpg_0": BRIGHT, "jpg_1": DARK, "label_0": label_0, "label_1": label_1,
-            "has_label": True, "are_different": True, "user_id": 1, **extra}
+    return {
+        "caption": caption,
+        "jpg_0": BRIGHT,
+        "jpg_1": DARK,
+        "label_0": label_0,
+        "label_1": label_1,
+        "has_label": True,
+        "are_different": True,
+        "user_id": 1,
+        **extra,
+    }
 
 
 def write_parquet(path, rows, **options):
@@ -89,11 +98,14 @@ def pair(caption="light", winner="bright.png", loser="dark.png"):
 
 
 # --------------------------------------------------------------------------------------- colliding sources
-@pytest.mark.parametrize("runs", [
-    pytest.param([["v1/train-00000", "v2/train-00000"]], id="one stem in two folders"),
-    pytest.param([["train", "train-0"]], id="a stem that prefixes another"),
-    pytest.param([["train-0"], ["train-0", "train"]], id="a file added to a converted folder"),
-])
+@pytest.mark.parametrize(
+    "runs",
+    [
+        pytest.param([["v1/train-00000", "v2/train-00000"]], id="one stem in two folders"),
+        pytest.param([["train", "train-0"]], id="a stem that prefixes another"),
+        pytest.param([["train-0"], ["train-0", "train"]], id="a file added to a converted folder"),
+    ],
+)
 def test_sources_that_collide_are_all_kept(tmp_path, runs):
     source, out = tmp_path / "source", tmp_path / "out"
     for files in runs:
@@ -111,7 +123,9 @@ def test_sources_that_collide_are_all_kept(tmp_path, runs):
 def test_a_file_whose_name_another_file_takes_is_refused(tmp_path):
     for name in ("a", "a.parquet"):  # both are parquet files; a glob finds both
         write_parquet(tmp_path / "source" / name, [pickapic_row()])
-    with pytest.raises(DataError, match=r"source/a and .*source/a.parquet would both write the shards a-NNNNNN.tar: rename one"):
+    with pytest.raises(
+        DataError, match=r"source/a and .*source/a.parquet would both write the shards a-NNNNNN.tar: rename one"
+    ):
         convert_pickapic(f"{tmp_path}/source/*", tmp_path / "out")
     assert written_files(tmp_path / "out") == []
 
@@ -135,7 +149,9 @@ def test_a_file_in_the_way_is_never_overwritten(tmp_path):
     write_parquet(source / "train.parquet", [pickapic_row("row 0")])
     out.mkdir()
     (out / "train-000000.tar").write_bytes(b"someone else's")
-    with pytest.raises(DataError, match=r"out/train-000000.tar exists but was not written for .*source/train.parquet: move it out"):
+    with pytest.raises(
+        DataError, match=r"out/train-000000.tar exists but was not written for .*source/train.parquet: move it out"
+    ):
         convert_pickapic(source, out)
     assert (out / "train-000000.tar").read_bytes() == b"someone else's"
     assert not (out / "train.done.json").exists()
@@ -159,13 +175,16 @@ def test_a_dotted_table_name_gives_dot_free_keys(images, tmp_path):
     assert [sorted(sample) for sample in read_samples(tmp_path / "out")] == [["json", "loser.png", "winner.png"]] * 2
 
 
-@pytest.mark.parametrize("text, part", [
-    ("train-0", "train-0"),
-    ("img.v2.0000", r"img_v2_0000-[0-9a-f]{8}"),
-    ("v1/train", r"v1_train-[0-9a-f]{8}"),
-    ("a b", r"a_b-[0-9a-f]{8}"),
-    ("50%", r"50_-[0-9a-f]{8}"),
-])
+@pytest.mark.parametrize(
+    "text, part",
+    [
+        ("train-0", "train-0"),
+        ("img.v2.0000", r"img_v2_0000-[0-9a-f]{8}"),
+        ("v1/train", r"v1_train-[0-9a-f]{8}"),
+        ("a b", r"a_b-[0-9a-f]{8}"),
+        ("50%", r"50_-[0-9a-f]{8}"),
+    ],
+)
 def test_key_parts_hold_no_dot_and_stay_unique(text, part):
     assert re.fullmatch(part, key_part(text))
     plainly_sanitised = re.sub(r"[^A-Za-z0-9_-]", "_", text)
@@ -180,20 +199,25 @@ def test_a_dotted_shard_prefix_is_refused(tmp_path, prefix):
 
 
 # ------------------------------------------------------------------------------------------ Pick-a-Pic labels
-@pytest.mark.parametrize("label_0, label_1, reason", [
-    (math.nan, 0.0, r"not both in \[0, 1\]"),
-    (math.nan, math.nan, r"not both in \[0, 1\]"),
-    (math.inf, 0.0, r"not both in \[0, 1\]"),
-    (2.0, 0.0, r"not both in \[0, 1\]"),
-    (2.0, -1.0, r"not both in \[0, 1\]"),  # sums to 1, out of range
-    (1.0, 1.0, "do not sum to 1"),
-    (0.0, 0.0, "do not sum to 1"),
-    (0.6, 0.6, "do not sum to 1"),  # equal, not the 0.5/0.5 tie
-    ("x", "0", "are not numbers"),
-])
+@pytest.mark.parametrize(
+    "label_0, label_1, reason",
+    [
+        (math.nan, 0.0, r"not both in \[0, 1\]"),
+        (math.nan, math.nan, r"not both in \[0, 1\]"),
+        (math.inf, 0.0, r"not both in \[0, 1\]"),
+        (2.0, 0.0, r"not both in \[0, 1\]"),
+        (2.0, -1.0, r"not both in \[0, 1\]"),  # sums to 1, out of range
+        (1.0, 1.0, "do not sum to 1"),
+        (0.0, 0.0, "do not sum to 1"),
+        (0.6, 0.6, "do not sum to 1"),  # equal, not the 0.5/0.5 tie
+        ("x", "0", "are not numbers"),
+    ],
+)
 def test_bad_labels_are_rejected_and_counted(tmp_path, caplog, label_0, label_1, reason):
     kind = type(label_0)
-    path = write_parquet(tmp_path / "labels.parquet", [pickapic_row("kept", kind(1), kind(0)), pickapic_row("bad", label_0, label_1)])
+    path = write_parquet(
+        tmp_path / "labels.parquet", [pickapic_row("kept", kind(1), kind(0)), pickapic_row("bad", label_0, label_1)]
+    )
     with caplog.at_level(logging.WARNING):
         totals = convert_pickapic(path, tmp_path / "out")
     assert (totals["rows"], totals["written"], totals["rejected_labels"]) == (2, 1, 1)
@@ -202,13 +226,16 @@ def test_bad_labels_are_rejected_and_counted(tmp_path, caplog, label_0, label_1,
     assert re.search(rf"labels.parquet, row 1 rejected: label_0=.*, label_1=.* {reason}", message)
 
 
-@pytest.mark.parametrize("label_0, label_1, ties, swapped", [
-    (1.0, 0.0, "drop", False),
-    (0.0, 1.0, "drop", True),
-    (0.7, 0.3, "drop", False),  # a soft label: the larger one wins
-    (0.25, 0.75, "drop", True),
-    (0.5, 0.5, "keep", False),
-])
+@pytest.mark.parametrize(
+    "label_0, label_1, ties, swapped",
+    [
+        (1.0, 0.0, "drop", False),
+        (0.0, 1.0, "drop", True),
+        (0.7, 0.3, "drop", False),  # a soft label: the larger one wins
+        (0.25, 0.75, "drop", True),
+        (0.5, 0.5, "keep", False),
+    ],
+)
 def test_valid_labels_put_the_winner_first(tmp_path, label_0, label_1, ties, swapped):
     jpg_0, jpg_1 = (DARK, BRIGHT) if swapped else (BRIGHT, DARK)
     path = write_parquet(tmp_path / "labels.parquet", [pickapic_row("x", label_0, label_1, jpg_0=jpg_0, jpg_1=jpg_1)])
@@ -259,42 +286,60 @@ def videodpo_directory(folder, pairs):
     return folder
 
 
-@pytest.mark.parametrize("video2, reason", [
-    (-1, "video2=-1 is not an index of metadata.json's 3 videos: use an integer from 0 to 2"),
-    (3, "video2=3 is not an index"),
-    (1.0, "video2=1.0 is not an index"),
-    ("1", "video2='1' is not an index"),
-    (True, "video2=True is not an index"),
-    (None, "video2=None is not an index"),
-    (0, "video1 and video2 are both video 0: a pair needs two videos"),
-])
+@pytest.mark.parametrize(
+    "video2, reason",
+    [
+        (-1, "video2=-1 is not an index of metadata.json's 3 videos: use an integer from 0 to 2"),
+        (3, "video2=3 is not an index"),
+        (1.0, "video2=1.0 is not an index"),
+        ("1", "video2='1' is not an index"),
+        (True, "video2=True is not an index"),
+        (None, "video2=None is not an index"),
+        (0, "video1 and video2 are both video 0: a pair needs two videos"),
+    ],
+)
 def test_videodpo_indices_are_checked(tmp_path, caplog, video2, reason):
     directory = videodpo_directory(tmp_path, [{"video1": 0, "video2": 1}, {"video1": 0, "video2": video2}])
     with caplog.at_level(logging.WARNING):
         counts = convert_videodpo(directory, tmp_path / "out")
-    assert counts == {"rows": 2, "written": 1, "ties_dropped": 0, "unreadable": 0, "rejected_captions": 0, "rejected_indices": 1}
+    assert counts == {
+        "rows": 2,
+        "written": 1,
+        "ties_dropped": 0,
+        "unreadable": 0,
+        "rejected_captions": 0,
+        "rejected_indices": 1,
+    }
     (sample,) = read_samples(tmp_path / "out")
     assert sample["winner.mp4"] == (tmp_path / "0.mp4").read_bytes()
     assert json.loads(sample["json"])["pair_index"] == 0
     assert f"pair.json, row 1 rejected: {reason}" in caplog.text
 
 
-@pytest.mark.parametrize("second_pair, emptied, counted, kept", [
-    ({"frame_caption": [3]}, None, "rejected_captions", ["kept"]),
-    ({"frame_caption": []}, None, None, ["kept", "video 0"]),  # an empty list falls back to the winner's caption
-    ({}, (0, "misc"), "rejected_captions", ["kept"]),  # no caption in the pair nor in the winner's metadata
-    ({}, (2, "basic"), "unreadable", ["kept"]),  # the loser has no clip_path
-])
+@pytest.mark.parametrize(
+    "second_pair, emptied, counted, kept",
+    [
+        ({"frame_caption": [3]}, None, "rejected_captions", ["kept"]),
+        ({"frame_caption": []}, None, None, ["kept", "video 0"]),  # an empty list falls back to the winner's caption
+        ({}, (0, "misc"), "rejected_captions", ["kept"]),  # no caption in the pair nor in the winner's metadata
+        ({}, (2, "basic"), "unreadable", ["kept"]),  # the loser has no clip_path
+    ],
+)
 def test_videodpo_captions_and_paths(tmp_path, second_pair, emptied, counted, kept):
     """``emptied``: ``(video, field)`` of metadata.json set to ``{}``."""
-    directory = videodpo_directory(tmp_path, [{"video1": 0, "video2": 1, "frame_caption": "kept"}, {"video1": 0, "video2": 2, **second_pair}])
+    directory = videodpo_directory(
+        tmp_path, [{"video1": 0, "video2": 1, "frame_caption": "kept"}, {"video1": 0, "video2": 2, **second_pair}]
+    )
     if emptied:
         videos = json.loads((directory / "metadata.json").read_text())
         videos[emptied[0]][emptied[1]] = {}
         (directory / "metadata.json").write_text(json.dumps(videos))
     counts = convert_videodpo(directory, tmp_path / "out")
     assert (counts["rows"], counts["written"]) == (2, len(kept))
-    assert (counts["rejected_captions"], counts["unreadable"]) == (int(counted == "rejected_captions"), int(counted == "unreadable"))
+    assert (counts["rejected_captions"], counts["unreadable"]) == (
+        int(counted == "rejected_captions"),
+        int(counted == "unreadable"),
+    )
     assert captions(tmp_path / "out") == kept
 
 
@@ -350,18 +395,33 @@ def empty_pair_json(tmp_path, images):
     return lambda out: convert_videodpo(directory, out)
 
 
-@pytest.mark.parametrize("build, error, message", [
-    (all_ties, DataError, r"ties.parquet kept no pair \(2 row\(s\), of which 2 ties_dropped\): --ties keep or --ties coin_flip"),
-    (zero_rows, DataError, r"empty.parquet kept no pair \(it holds no rows\): give a source holding usable pairs"),
-    (all_unlabelled, DataError, r"unlabelled.parquet kept no pair \(1 row\(s\), of which 1 unlabelled\)"),
-    (all_bad_labels, DataError, r"labels.parquet kept no pair \(1 row\(s\), of which 1 rejected_labels\): the warnings name"),
-    (header_only_csv, DataError, r"pairs.csv kept no pair \(it holds no rows\)"),
-    (empty_json_list, DataError, r"pairs.json kept no pair \(it holds no rows\)"),
-    (empty_json_lines, DataError, r"pairs.jsonl kept no pair \(it holds no rows\)"),
-    (table_of_ties, DataError, r"votes.csv kept no pair \(1 row\(s\), of which 1 ties_dropped\): --ties keep"),
-    (table_of_missing_files, MissingFileError, r"pairs.json kept no pair \(2 row\(s\), of which 2 unreadable\): check --root"),
-    (empty_pair_json, DataError, r"pair.json kept no pair \(it holds no rows\)"),
-])
+@pytest.mark.parametrize(
+    "build, error, message",
+    [
+        (
+            all_ties,
+            DataError,
+            r"ties.parquet kept no pair \(2 row\(s\), of which 2 ties_dropped\): --ties keep or --ties coin_flip",
+        ),
+        (zero_rows, DataError, r"empty.parquet kept no pair \(it holds no rows\): give a source holding usable pairs"),
+        (all_unlabelled, DataError, r"unlabelled.parquet kept no pair \(1 row\(s\), of which 1 unlabelled\)"),
+        (
+            all_bad_labels,
+            DataError,
+            r"labels.parquet kept no pair \(1 row\(s\), of which 1 rejected_labels\): the warnings name",
+        ),
+        (header_only_csv, DataError, r"pairs.csv kept no pair \(it holds no rows\)"),
+        (empty_json_list, DataError, r"pairs.json kept no pair \(it holds no rows\)"),
+        (empty_json_lines, DataError, r"pairs.jsonl kept no pair \(it holds no rows\)"),
+        (table_of_ties, DataError, r"votes.csv kept no pair \(1 row\(s\), of which 1 ties_dropped\): --ties keep"),
+        (
+            table_of_missing_files,
+            MissingFileError,
+            r"pairs.json kept no pair \(2 row\(s\), of which 2 unreadable\): check --root",
+        ),
+        (empty_pair_json, DataError, r"pair.json kept no pair \(it holds no rows\)"),
+    ],
+)
 def test_a_conversion_that_keeps_nothing_fails_and_writes_nothing(tmp_path, images, build, error, message):
     convert = build(tmp_path, images)
     with pytest.raises(error, match=message + r".*Nothing was written\.$") as raised:
@@ -373,26 +433,32 @@ def test_a_conversion_that_keeps_nothing_fails_and_writes_nothing(tmp_path, imag
 # ------------------------------------------------------------------------------------- encodings and formats
 def table(name, content, **options):
     """A builder of the table ``name`` holding ``content`` (``None``: no file) next to the images."""
+
     def build(images):
         if content is not None:
             (images / name).write_bytes(content)
         return lambda out: convert_pair_table(images / name, out, **options)
+
     return build
 
 
 def parquet(name, write):
     """A builder of the parquet source ``name``, written by ``write(path)``."""
+
     def build(images):
         write(images / name)
         return lambda out: convert_pickapic(images / name, out)
+
     return build
 
 
 def pair_json(content):
     """A builder of a VideoDPO directory whose pair.json holds ``content``."""
+
     def build(images):
         videodpo_directory(images, []).joinpath("pair.json").write_bytes(content)
         return lambda out: convert_videodpo(images, out)
+
     return build
 
 
@@ -401,50 +467,130 @@ def damaged_row_group(path):
     write_parquet(path, [pickapic_row(f"row {i}") for i in range(200)], row_group_size=50)
     offset = pq.ParquetFile(path).metadata.row_group(2).column(0).data_page_offset
     data = bytearray(path.read_bytes())
-    data[offset:offset + 8] = b"\xff" * 8
+    data[offset : offset + 8] = b"\xff" * 8
     path.write_bytes(bytes(data))
 
 
 ROW = b'{"winner": "bright.png", "loser": "dark.png", "caption": "x"}'
 
 
-@pytest.mark.parametrize("build, error, message", [
-    pytest.param(table("pairs.csv", b"winner,loser,caption\nbright.png,dark.png,caf\xe9\n"), DataError,
-                 r"pairs.csv is not UTF-8 text \(byte 44 is b'\\xe9'\): save it as UTF-8", id="non-UTF-8 CSV"),
-    pytest.param(table("pairs.jsonl", ROW + b'\n\n{"winner": bright.png}\n'), DataError,
-                 r"pairs.jsonl, line 3, column 12: not valid JSON \(Expecting value\): fix the JSON there", id="bad JSON-lines line"),
-    pytest.param(table("pairs.json", b'[\n  {"winner": "a.png",}\n]'), DataError,
-                 r"pairs.json, line 2, column 22: not valid JSON \(Expecting property name", id="invalid JSON"),
-    pytest.param(table("pairs.json", b"[" * 100000), DataError, r"pairs.json, line 1: JSON nested too deeply", id="deeply nested JSON"),
-    pytest.param(table("pairs.json", ROW), DataError, r"pairs.json holds an object, not a list: write a list of objects",
-                 id="JSON table not a list"),
-    pytest.param(table("pairs.json", b"[" + ROW + b', "dark.png"]'), DataError,
-                 r"pairs.json, row 1 is a string, not an object: write each row as", id="JSON row not an object"),
-    pytest.param(table("pairs.jsonl", ROW + b"\nnull\n"), DataError, r"pairs.jsonl, row 1 is null, not an object",
-                 id="JSON-lines row not an object"),
-    pytest.param(table("pairs.csv", b"winner,loser,caption\nbright.png,dark.png,a red, cat\n"), DataError,
-                 r"pairs.csv, row 0 \(line 2\) has 1 field\(s\) more than the header's 3: quote the fields", id="CSV row with extra fields"),
-    pytest.param(table("pairs.csv", b"winner,loser,caption\nbright.png,dark.png," + b"x" * 200000 + b"\n"), DataError,
-                 r"pairs.csv, line 2: not valid CSV \(field larger than field limit", id="CSV field too large"),
-    pytest.param(table("pairs.tsv", b"winner\tloser\tcaption\n"), DataError,
-                 r"pairs.tsv: a table of pairs is a .csv, .json or .jsonl file, not .tsv", id="unknown table extension"),
-    pytest.param(table("votes.csv", b"path_A,path_B,caption,label\nbright.png,dark.png,x,A\nbright.png,dark.png,y,C\n",
-                       columns=PairColumns(label="label")), DataError,
-                 r"votes.csv, row 1: label='C': use A \(first wins\), B \(second wins\) or same", id="label other than A/B/same"),
-    pytest.param(table("absent.csv", None), MissingFileError, r"No table at '.*absent.csv': give a .csv, .json or .jsonl file",
-                 id="missing table"),
-    pytest.param(parquet("pairs.parquet", lambda path: path.write_text("winner,loser,caption\nbright.png,dark.png,x\n")), DataError,
-                 r"pairs.parquet is not a parquet file \(Parquet magic bytes not found.*\): give Pick-a-Pic parquet files",
-                 id="CSV named .parquet"),
-    pytest.param(parquet("empty.parquet", lambda path: path.write_bytes(b"")), DataError,
-                 r"empty.parquet is not a parquet file \(Parquet file size is 0 bytes\)", id="empty .parquet"),
-    pytest.param(parquet("bad.parquet", lambda path: write_parquet(path, [{"caption": "x", "jpg_0": BRIGHT}])), DataError,
-                 r"bad.parquet lacks the Pick-a-Pic column\(s\) \['jpg_1', 'label_0', 'label_1'\]", id="parquet without the columns"),
-    pytest.param(parquet("damaged.parquet", damaged_row_group), DataError,
-                 r"damaged.parquet is damaged in rows 100 to 149 \(row group 2: .*\): download it again", id="damaged parquet row group"),
-    pytest.param(pair_json(b'{"video1": 0, "video2": 1}'), DataError, r"pair.json holds an object, not a list", id="pair.json not a list"),
-    pytest.param(pair_json(b"[0, 1]"), DataError, r"pair.json, row 0 is a number, not an object", id="pair.json entry not an object"),
-])
+@pytest.mark.parametrize(
+    "build, error, message",
+    [
+        pytest.param(
+            table("pairs.csv", b"winner,loser,caption\nbright.png,dark.png,caf\xe9\n"),
+            DataError,
+            r"pairs.csv is not UTF-8 text \(byte 44 is b'\\xe9'\): save it as UTF-8",
+            id="non-UTF-8 CSV",
+        ),
+        pytest.param(
+            table("pairs.jsonl", ROW + b'\n\n{"winner": bright.png}\n'),
+            DataError,
+            r"pairs.jsonl, line 3, column 12: not valid JSON \(Expecting value\): fix the JSON there",
+            id="bad JSON-lines line",
+        ),
+        pytest.param(
+            table("pairs.json", b'[\n  {"winner": "a.png",}\n]'),
+            DataError,
+            r"pairs.json, line 2, column 22: not valid JSON \(Expecting property name",
+            id="invalid JSON",
+        ),
+        pytest.param(
+            table("pairs.json", b"[" * 100000),
+            DataError,
+            r"pairs.json, line 1: JSON nested too deeply",
+            id="deeply nested JSON",
+        ),
+        pytest.param(
+            table("pairs.json", ROW),
+            DataError,
+            r"pairs.json holds an object, not a list: write a list of objects",
+            id="JSON table not a list",
+        ),
+        pytest.param(
+            table("pairs.json", b"[" + ROW + b', "dark.png"]'),
+            DataError,
+            r"pairs.json, row 1 is a string, not an object: write each row as",
+            id="JSON row not an object",
+        ),
+        pytest.param(
+            table("pairs.jsonl", ROW + b"\nnull\n"),
+            DataError,
+            r"pairs.jsonl, row 1 is null, not an object",
+            id="JSON-lines row not an object",
+        ),
+        pytest.param(
+            table("pairs.csv", b"winner,loser,caption\nbright.png,dark.png,a red, cat\n"),
+            DataError,
+            r"pairs.csv, row 0 \(line 2\) has 1 field\(s\) more than the header's 3: quote the fields",
+            id="CSV row with extra fields",
+        ),
+        pytest.param(
+            table("pairs.csv", b"winner,loser,caption\nbright.png,dark.png," + b"x" * 200000 + b"\n"),
+            DataError,
+            r"pairs.csv, line 2: not valid CSV \(field larger than field limit",
+            id="CSV field too large",
+        ),
+        pytest.param(
+            table("pairs.tsv", b"winner\tloser\tcaption\n"),
+            DataError,
+            r"pairs.tsv: a table of pairs is a .csv, .json or .jsonl file, not .tsv",
+            id="unknown table extension",
+        ),
+        pytest.param(
+            table(
+                "votes.csv",
+                b"path_A,path_B,caption,label\nbright.png,dark.png,x,A\nbright.png,dark.png,y,C\n",
+                columns=PairColumns(label="label"),
+            ),
+            DataError,
+            r"votes.csv, row 1: label='C': use A \(first wins\), B \(second wins\) or same",
+            id="label other than A/B/same",
+        ),
+        pytest.param(
+            table("absent.csv", None),
+            MissingFileError,
+            r"No table at '.*absent.csv': give a .csv, .json or .jsonl file",
+            id="missing table",
+        ),
+        pytest.param(
+            parquet("pairs.parquet", lambda path: path.write_text("winner,loser,caption\nbright.png,dark.png,x\n")),
+            DataError,
+            r"pairs.parquet is not a parquet file \(Parquet magic bytes not found.*\): give Pick-a-Pic parquet files",
+            id="CSV named .parquet",
+        ),
+        pytest.param(
+            parquet("empty.parquet", lambda path: path.write_bytes(b"")),
+            DataError,
+            r"empty.parquet is not a parquet file \(Parquet file size is 0 bytes\)",
+            id="empty .parquet",
+        ),
+        pytest.param(
+            parquet("bad.parquet", lambda path: write_parquet(path, [{"caption": "x", "jpg_0": BRIGHT}])),
+            DataError,
+            r"bad.parquet lacks the Pick-a-Pic column\(s\) \['jpg_1', 'label_0', 'label_1'\]",
+            id="parquet without the columns",
+        ),
+        pytest.param(
+            parquet("damaged.parquet", damaged_row_group),
+            DataError,
+            r"damaged.parquet is damaged in rows 100 to 149 \(row group 2: .*\): download it again",
+            id="damaged parquet row group",
+        ),
+        pytest.param(
+            pair_json(b'{"video1": 0, "video2": 1}'),
+            DataError,
+            r"pair.json holds an object, not a list",
+            id="pair.json not a list",
+        ),
+        pytest.param(
+            pair_json(b"[0, 1]"),
+            DataError,
+            r"pair.json, row 0 is a number, not an object",
+            id="pair.json entry not an object",
+        ),
+    ],
+)
 def test_bad_input_is_one_clear_error(images, tmp_path, build, error, message):
     convert = build(images)
     with pytest.raises(error, match=message) as raised:
@@ -453,10 +599,15 @@ def test_bad_input_is_one_clear_error(images, tmp_path, build, error, message):
     assert written_files(tmp_path / "out") == []
 
 
-@pytest.mark.parametrize("text", [
-    pytest.param("\ufeffwinner,loser,caption\r\nbright.png,dark.png,light\r\n", id="byte-order mark and CRLF"),
-    pytest.param('winner,loser,caption\nbright.png,dark.png,"light,\nover two lines"\n', id="quoted comma and newline"),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("\ufeffwinner,loser,caption\r\nbright.png,dark.png,light\r\n", id="byte-order mark and CRLF"),
+        pytest.param(
+            'winner,loser,caption\nbright.png,dark.png,"light,\nover two lines"\n', id="quoted comma and newline"
+        ),
+    ],
+)
 def test_csv_conventions_are_read(images, tmp_path, text):
     (images / "pairs.csv").write_bytes(text.encode())
     assert convert_pair_table(images / "pairs.csv", tmp_path / "out")["written"] == 1
@@ -469,6 +620,8 @@ def test_an_output_directory_holding_pair_shards_is_refused(images, tmp_path):
     (images / "pairs.json").write_text(json.dumps([pair("first")]))
     convert_pair_table(images / "pairs.json", tmp_path / "out")
     (images / "pairs.json").write_text(json.dumps([pair("second")]))
-    with pytest.raises(ConfigError, match=r"out already holds 1 shard\(s\) image-pairs-\*.tar .*write to an empty --out"):
+    with pytest.raises(
+        ConfigError, match=r"out already holds 1 shard\(s\) image-pairs-\*.tar .*write to an empty --out"
+    ):
         convert_pair_table(images / "pairs.json", tmp_path / "out")
     assert captions(tmp_path / "out") == ["first"]

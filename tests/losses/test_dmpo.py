@@ -22,7 +22,8 @@ def test_dmpo_matches_the_bernoulli_kl_by_hand():
     loss, metrics = dmpo_loss(*ERRORS, beta=BETA, alpha=0.1)
     q = 0.9
     expected = [
-        sigmoid(u) * math.log(sigmoid(u) / q) + (1 - sigmoid(u)) * math.log((1 - sigmoid(u)) / (1 - q)) for u in (1.0, -0.5)
+        sigmoid(u) * math.log(sigmoid(u) / q) + (1 - sigmoid(u)) * math.log((1 - sigmoid(u)) / (1 - q))
+        for u in (1.0, -0.5)
     ]
     assert loss.item() == pytest.approx(sum(expected) / 2, rel=1e-6)
     assert metrics["mean_p"].item() == pytest.approx((sigmoid(1.0) + sigmoid(-0.5)) / 2, rel=1e-6)

@@ -36,7 +36,9 @@ def test_dpo_clip_mask_with_every_pair_masked_is_zero_with_zero_gradient():
 
 def test_dpo_clip_mask_margin_clip_caps_the_loss_and_stops_the_gradient():
     policy_w = POLICY_W.clone().requires_grad_()
-    loss, _ = dpo_clip_mask_loss(policy_w, POLICY_L, REF_W, REF_L, torch.ones(2), torch.ones(2), beta=BETA, margin_clip=0.25)
+    loss, _ = dpo_clip_mask_loss(
+        policy_w, POLICY_L, REF_W, REF_L, torch.ones(2), torch.ones(2), beta=BETA, margin_clip=0.25
+    )
     loss.backward()
     assert loss.item() == pytest.approx(-(log_sigmoid(0.25) + log_sigmoid(-0.25)) / 2, rel=1e-6)
     assert torch.equal(policy_w.grad, torch.zeros(2))  # both |u| exceed the clip

@@ -21,7 +21,11 @@ def test_bucket_means_cover_only_the_buckets_present():
 # ------------------------------------------------------------------------------------ importance weights
 def ddpm_scheduler(prediction_type="epsilon"):
     return DDPMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type, clip_sample=False
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=prediction_type,
+        clip_sample=False,
     )
 
 

@@ -19,7 +19,11 @@ def test_kto_matches_hand_computation_with_a_positive_reference_point():
     desirable = torch.tensor([True, False, False])
     loss, metrics = kto_loss(policy, reference, desirable, beta=BETA, desirable_weight=2.0, undesirable_weight=0.5)
     g, z = [0.2, 0.0, -0.1], (0.2 + 0.0 - 0.1) / 3
-    expected = [2.0 * (1 - sigmoid(BETA * (g[0] - z))), 0.5 * (1 - sigmoid(-BETA * (g[1] - z))), 0.5 * (1 - sigmoid(-BETA * (g[2] - z)))]
+    expected = [
+        2.0 * (1 - sigmoid(BETA * (g[0] - z))),
+        0.5 * (1 - sigmoid(-BETA * (g[1] - z))),
+        0.5 * (1 - sigmoid(-BETA * (g[2] - z))),
+    ]
     assert loss.item() == pytest.approx(sum(expected) / 3, rel=1e-5)
     assert metrics["reference_point"].item() == pytest.approx(z, rel=1e-5)
     assert metrics["kto_acc"].item() == 1.0  # 0.2 > z; 0.0 < z; -0.1 < z
@@ -39,5 +43,7 @@ def test_kto_reference_point_is_clamped_at_zero_and_detached():
 
 
 def test_kto_a_sample_at_the_reference_point_is_a_tie():
-    loss, metrics = kto_loss(torch.tensor([0.3]), torch.tensor([0.3]), torch.tensor([False]), beta=BETA, reference_point=torch.tensor(0.0))
+    loss, metrics = kto_loss(
+        torch.tensor([0.3]), torch.tensor([0.3]), torch.tensor([False]), beta=BETA, reference_point=torch.tensor(0.0)
+    )
     assert loss.item() == 0.5 and metrics["kto_acc"].item() == 0.5

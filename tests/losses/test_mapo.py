@@ -13,7 +13,9 @@ def log_sigmoid(x: float) -> float:
 
 
 def test_mapo_matches_hand_computation():
-    loss, metrics = mapo_loss(torch.tensor([0.2, 1.0]), torch.tensor([0.4, 0.5]), beta=0.1, error_scale=0.5, margin_scale=10.0)
+    loss, metrics = mapo_loss(
+        torch.tensor([0.2, 1.0]), torch.tensor([0.4, 0.5]), beta=0.1, error_scale=0.5, margin_scale=10.0
+    )
     f = lambda e: 0.5 * e / math.expm1(0.5 * e)  # noqa: E731
     margins = [10 * (f(0.2) - f(0.4)), 10 * (f(1.0) - f(0.5))]
     expected = 0.6 - 0.1 * (log_sigmoid(margins[0]) + log_sigmoid(margins[1])) / 2

@@ -28,7 +28,9 @@ def test_loser_gradient_scale_by_hand():
     torch.testing.assert_close(weighted, torch.tensor([1.0, 1.0]))
 
 
-@pytest.mark.parametrize("mu, scope, message", [(1.5, "batch", "safeguard_mu=1.5"), (0.5, "sample", "safeguard_scope='sample'")])
+@pytest.mark.parametrize(
+    "mu, scope, message", [(1.5, "batch", "safeguard_mu=1.5"), (0.5, "sample", "safeguard_scope='sample'")]
+)
 def test_loser_gradient_scale_bad_options(mu, scope, message):
     with pytest.raises(ValueError, match=message):
         check_safeguard_options(mu, scope)
@@ -71,7 +73,10 @@ def test_without_the_safeguard_the_winner_error_can_rise():
 def test_pair_safeguard_never_raises_a_winner_error_to_first_order():
     residual_w, residual_l = aligned_residuals()
     generator = torch.Generator().manual_seed(1)
-    ref_w, ref_l = torch.rand(6, generator=generator, dtype=torch.float64), torch.rand(6, generator=generator, dtype=torch.float64)
+    ref_w, ref_l = (
+        torch.rand(6, generator=generator, dtype=torch.float64),
+        torch.rand(6, generator=generator, dtype=torch.float64),
+    )
     change, loss = output_space_winner_change(residual_w, residual_l, ref_w, ref_l, safeguard="pair")
     assert (change < 0).all()
     # the bound of the paper: change <= -mu * (per-pair loss weight) * |g_w|^2, with weight (beta/2) sigmoid(-u) / B

@@ -50,7 +50,8 @@ def test_sdpo_weights_are_stop_gradient():
 
 
 @pytest.mark.parametrize(
-    "options, message", [(dict(clip_eps=1.0), "clip_eps=1.0"), (dict(placement="between"), "weight_placement='between'")]
+    "options, message",
+    [(dict(clip_eps=1.0), "clip_eps=1.0"), (dict(placement="between"), "weight_placement='between'")],
 )
 def test_sdpo_bad_options(options, message):
     with pytest.raises(ValueError, match=message):

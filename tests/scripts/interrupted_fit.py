@@ -37,7 +37,9 @@ class RecordAndKill(pl.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         with (self.out / f"losses-rank{trainer.global_rank}.jsonl").open("a") as file:
-            file.write(json.dumps({"step": trainer.global_step, "loss": outputs["loss"].item(), "keys": batch["key"]}) + "\n")
+            file.write(
+                json.dumps({"step": trainer.global_step, "loss": outputs["loss"].item(), "keys": batch["key"]}) + "\n"
+            )
 
 
 def main() -> None:
@@ -53,17 +55,35 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     args = parser.parse_args()
     module = DiffusionDPO(StableDiffusionBackbone(args.pipeline), beta=500.0, finetune=args.finetune, lr=1e-3, seed=3)
-    data = PreferenceDataModule(args.shards, batch_size=2, num_workers=args.workers, shuffle_buffer=6, batches_per_epoch=3,
-                                random_flip=True, seed=5)
-    checkpoints = ModelCheckpoint(dirpath=args.out / "checkpoints", filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    data = PreferenceDataModule(
+        args.shards,
+        batch_size=2,
+        num_workers=args.workers,
+        shuffle_buffer=6,
+        batches_per_epoch=3,
+        random_flip=True,
+        seed=5,
+    )
+    checkpoints = ModelCheckpoint(
+        dirpath=args.out / "checkpoints", filename="{step}", every_n_train_steps=1, save_top_k=-1
+    )
     trainer = pl.Trainer(
-        accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto", max_steps=args.steps,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=args.out,
+        accelerator="cpu",
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
+        max_steps=args.steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=args.out,
         callbacks=[RecordAndKill(args.out, args.kill_at), checkpoints],
     )
     trainer.fit(module, datamodule=data, ckpt_path=args.resume)
     if trainer.is_global_zero:
-        save_file({name: value.contiguous() for name, value in module.denoiser.state_dict().items()}, args.out / "final.safetensors")
+        save_file(
+            {name: value.contiguous() for name, value in module.denoiser.state_dict().items()},
+            args.out / "final.safetensors",
+        )
 
 
 if __name__ == "__main__":
