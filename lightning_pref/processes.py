@@ -271,7 +271,7 @@ class DDPMProcess(NoiseProcess):
 
     def x0_error_scale(self, t: Tensor) -> Tensor:
         # eps: x0_hat - x0 = -(sigma/alpha)(eps_hat - eps); v: eps_hat - eps = alpha (v_hat - v), so
-        # x0_hat - x0 = -sigma (v_hat - v) (see the v/epsilon check in tests/test_losses_family.py).
+        # x0_hat - x0 = -sigma (v_hat - v) (see the v/epsilon check in tests/losses/test_importance.py).
         abar = self.alphas_cumprod[t.cpu().long()]
         return (1 - abar) / abar if self.prediction_type == "epsilon" else 1 - abar
 
