@@ -34,20 +34,6 @@ def tiny_pixel(tmp_path_factory):
     )
 
 
-def random_pairs(num: int, size: int = 16, seed: int = 0) -> list[dict]:
-    """Preference pairs of random images as model inputs (pixels in [-1, 1])."""
-    generator = torch.Generator().manual_seed(seed)
-    prompts = ["a red cat", "a blue dog", "a green circle", "a square"]
-    return [
-        {
-            "pixels_w": torch.rand(3, size, size, generator=generator) * 2 - 1,
-            "pixels_l": torch.rand(3, size, size, generator=generator) * 2 - 1,
-            "prompt": prompts[i % len(prompts)],
-        }
-        for i in range(num)
-    ]
-
-
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory):
     """Preference shards of 16x16 PNG pairs in the library's shard format (3 shards of 8 pairs)."""

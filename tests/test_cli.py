@@ -2,7 +2,7 @@
 
 import pytest
 import yaml
-from cli_helpers import REPO, run_cli, tiny_config, write_config
+from helpers.cli import REPO, run_cli, tiny_config, write_config
 
 
 def test_print_config_works_without_a_config(tmp_path):

@@ -9,9 +9,9 @@ import argparse
 import pytest
 import torch
 import yaml
-from conftest import random_pairs
 from diffusers import StableDiffusionPipeline
-from test_module import trainer
+from helpers.pairs import random_pairs
+from helpers.training import trainer
 from torch.utils.data import DataLoader
 
 from lightning_pref.cli import main

@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from interrupted_runs import losses, run_fit, write_resume_shards
+from helpers.interrupted import losses, run_fit, write_resume_shards
 from safetensors.torch import load_file
 
 from lightning_pref.tiny import write_tiny_sd_pipeline

@@ -1,6 +1,6 @@
 """DDP, DeepSpeed ZeRO-2/3 and FSDP2 on two CPU processes (gloo), and a simulated two-node run.
 
-Each run is ``tests/distributed_fit.py`` in subprocesses (Lightning's launchers re-execute the script for
+Each run is ``tests/scripts/distributed_fit.py`` in subprocesses (Lightning's launchers re-execute the script for
 every rank). The same global batch of 4 pairs is split across processes, and every pair draws its noise from
 its own seeded stream, so every per-sample error (and the mean loss over ranks) must equal the single-process
 one at every step, up to fp32 rounding (``ERROR_RTOL``, below); a resumed run repeats the uninterrupted one
@@ -9,10 +9,8 @@ bit for bit.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli_helpers import tiny_config, write_config
 from diffusers import UNet2DConditionModel
+from helpers.cli import tiny_config, write_config
+from helpers.distributed import BETA, fit, write_run_config
+from helpers.processes import REPO, SCRIPTS, script_env
 from safetensors.torch import load_file
 
 from lightning_pref.export import export
@@ -32,88 +32,12 @@ from lightning_pref.tiny import (
     write_tiny_wan_pipeline,
 )
 
-SCRIPT = Path(__file__).with_name("distributed_fit.py")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def fit(
-    pipeline: Path,
-    out: Path,
-    strategy: str,
-    finetune: str,
-    devices: int = 1,
-    nodes: int = 1,
-    resume: Path | None = None,
-    backbone: str = "sd",
-    precision: str = "32-true",
-):
-    """Run the script (one launch per node) and return the per-rank records, rank 0 first."""
-    out.mkdir(parents=True)
-    command = [
-        sys.executable,
-        str(SCRIPT),
-        str(pipeline),
-        str(out),
-        "--strategy",
-        strategy,
-        "--finetune",
-        finetune,
-        "--devices",
-        str(devices),
-        "--nodes",
-        str(nodes),
-        "--backbone",
-        backbone,
-        "--precision",
-        precision,
-    ]
-    if resume is not None:
-        command += ["--resume", str(resume)]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    launches = [
-        subprocess.Popen(
-            command,
-            env={**env, "NODE_RANK": str(node)},
-            cwd=out,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for node in range(nodes)
-    ]
-    for launch in launches:
-        output, _ = launch.communicate(timeout=300)
-        assert launch.returncode == 0, output[-4000:]
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(devices * nodes)]
-
-
-def write_run_config(pipeline: Path, directory: Path, finetune: str) -> Path:
-    """The model section of a config equivalent to the script's module."""
-    backbone = {
-        "class_path": "lightning_pref.backbones.StableDiffusionBackbone",
-        "init_args": {"pretrained": str(pipeline)},
-    }
-    model = {
-        "class_path": "lightning_pref.methods.DiffusionDPO",
-        "init_args": {"backbone": backbone, "beta": 500.0, "finetune": finetune, "lr": 1e-3, "seed": 7},
-    }
-    path = directory / "config.yaml"
-    path.write_text(yaml.safe_dump({"model": model}))
-    return path
-
-
 # One process with the global batch of 4 pairs and 2 processes with 2 pairs each compute the same per-sample
 # errors up to fp32 rounding: a different batch composition changes the reduction order inside convolutions and
 # matmuls, which moves each output by a few units in the last place, and an error is a mean over outputs. With
-# every part in fp32 (the T5 encoders too) and SGD (see tests/distributed_fit.py), the differences measured on
+# every part in fp32 (the T5 encoders too) and SGD (see ``helpers.distributed.RecordingDPO``), the differences measured on
 # every strategy and backbone here stay below 1e-6 relative over 4 steps; ERROR_RTOL (84 fp32 ulps) bounds them.
 ERROR_RTOL = 1e-5
-BETA = 500.0  # tests/distributed_fit.py's
 
 
 def global_errors(records: list[dict], step: str) -> dict[str, list[float]]:
@@ -233,15 +157,14 @@ def test_two_simulated_nodes_match_one_process(pipeline, single_process, tmp_pat
     assert_same_run(records, single_process["full"])
 
 
-PRESETS = sorted((Path(__file__).resolve().parents[1] / "examples" / "strategies").glob("*.yaml"))
+PRESETS = sorted((REPO / "examples" / "strategies").glob("*.yaml"))
 
 
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, str(SCRIPT.with_name("cli_entry.py")), *args],
+        [sys.executable, str(SCRIPTS / "cli_entry.py"), *args],
         cwd=cwd,
-        env=env,
+        env=script_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -293,16 +216,13 @@ def test_zero2_preset_fits_on_two_processes_through_the_cli(tiny_sd, tiny_shards
 def test_torchrun_launch_script_runs_two_simulated_nodes(tiny_sd, tiny_shards, tmp_path):
     config = write_config(tiny_config(tiny_sd, tiny_shards, tmp_path), tmp_path)
     preset = [p for p in PRESETS if p.stem == "ddp"][0]
-    script = Path(__file__).resolve().parents[1] / "examples" / "launch" / "torchrun.sh"
-    env = {
-        **os.environ,
-        "NNODES": "2",
-        "GPUS_PER_NODE": "1",
-        "MASTER_PORT": str(free_port()),
-        "OMP_NUM_THREADS": "1",
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-    }
+    script = REPO / "examples" / "launch" / "torchrun.sh"
+    env = script_env(
+        NNODES="2",
+        GPUS_PER_NODE="1",
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        PYTHONPATH=str(REPO),
+    )
     nodes = [
         subprocess.Popen(
             [

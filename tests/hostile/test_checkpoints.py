@@ -3,7 +3,7 @@
 A crafted pickle here would create a marker file when unpickled; it must never exist afterwards. Every refusal
 is one line naming the file at fault; a refused pickle also names the global it wanted and the caller's opt-in.
 
-The genuine checkpoints come from real runs of ``tests/distributed_fit.py``: one process for the single
+The genuine checkpoints come from real runs of ``tests/scripts/distributed_fit.py``: one process for the single
 ``.ckpt``, two for ZeRO-2, ZeRO-3 and FSDP2. Each hostile checkpoint is a copy of one with a single part
 replaced. (``tests/test_strategies.py`` resumes and exports such checkpoints on two processes, through the same
 loaders.)
@@ -24,10 +24,10 @@ import deepspeed.ops
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from distributed_fit import global_batch, training_module
+from helpers.cli import tiny_config, write_config
+from helpers.distributed import fit, global_batch, training_module, write_run_config
+from helpers.training import trainer
 from safetensors.torch import load_file
-from test_module import trainer
-from test_strategies import fit, write_run_config
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
@@ -189,7 +189,7 @@ def craft(genuine: Path, case: Hostile, root: Path, marker: Path) -> Path:
 
 
 def diffusion_dpo(pipeline: Path) -> DiffusionDPO:
-    """The module distributed_fit.py trains."""
+    """The module scripts/distributed_fit.py trains."""
     return training_module(pipeline)
 
 
@@ -342,8 +342,6 @@ def test_a_missing_checkpoint_is_named(tmp_path):
 def test_the_command_line_refuses_a_crafted_checkpoint_before_the_run(
     genuine, tiny_sd, tiny_shards, tmp_path, capsys, case
 ):
-    from cli_helpers import tiny_config, write_config
-
     from lightning_pref.cli import main
 
     marker = tmp_path / "marker"

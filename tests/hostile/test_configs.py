@@ -22,8 +22,9 @@ import sys
 
 import pytest
 import torch
-from cli_helpers import LrRecordingDPO, tiny_config, write_config
-from conftest import random_pairs
+from helpers.cli import LrRecordingDPO, tiny_config, write_config
+from helpers.pairs import random_pairs
+from helpers.training import trainer as make_trainer
 from torch.utils.data import DataLoader
 
 from lightning_pref.cli import main
@@ -136,19 +137,10 @@ def nan_batch():
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_a_nan_reaching_the_loss_never_touches_the_weights(sd_backbone, tmp_path, mode):
-    import lightning.pytorch as pl
 
     module = DiffusionDPO(sd_backbone, finetune="full", nonfinite=mode)
     before = {name: value.clone() for name, value in module.denoiser.state_dict().items()}
-    trainer = pl.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = make_trainer(tmp_path, 2)
     batches = [nan_batch(), nan_batch()]
     if mode == "stop":
         with pytest.raises(TrainingError, match=r"step 0: the loss is nan, non-finite errors: policy_w \(1 of 2\)"):
@@ -201,7 +193,7 @@ def test_resuming_refuses_other_tensors_and_applies_a_new_lr(config, tmp_path, c
             "--config",
             config,
             "--model.class_path",
-            "cli_helpers.LrRecordingDPO",
+            "helpers.cli.LrRecordingDPO",
             "--model.init_args.lr",
             "0.5",
             "--model.init_args.beta",

@@ -8,14 +8,14 @@ next step. SIGINT (Ctrl-C) stops it through Lightning's graceful shutdown. Nothi
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from interrupted_runs import losses, script_command, write_resume_shards
+from helpers.interrupted import losses, script_command, write_resume_shards
+from helpers.processes import script_env
 
 from lightning_pref.tiny import write_tiny_sd_pipeline
 
@@ -36,7 +36,7 @@ def start_and_signal(pipeline, shards, out: Path, signum: int) -> tuple[int, flo
     process = subprocess.Popen(
         script_command(pipeline, shards, out, steps=10000),
         cwd=out,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=script_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -67,7 +67,7 @@ def test_sigterm_stops_within_seconds_with_a_checkpoint_that_resumes(pipeline, s
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env=script_env(),
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [row["step"] for row in losses(tmp_path, 1)[0]][-2:] == [stopped_at + 1, stopped_at + 2]

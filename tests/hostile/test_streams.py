@@ -24,10 +24,10 @@ import json
 import logging
 import tarfile
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers.training import trainer as make_trainer
 from safetensors.torch import save as save_safetensors
 
 from lightning_pref.datamodules import PreferenceDataModule, UnpairedDataModule, write_preference_shards
@@ -64,15 +64,7 @@ def first_batch(path, **options):
 
 
 def fit_steps(module, data, tmp_path, steps=2):
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = make_trainer(tmp_path, steps)
     trainer.fit(module, datamodule=data)
     return trainer
 

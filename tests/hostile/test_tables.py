@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers.shards import read_samples
 from PIL import Image
-from shard_helpers import read_samples
 
 from lightning_pref.datamodules.media import encode_video
 from lightning_pref.datamodules.pairs import PairColumns, convert_pair_table, convert_videodpo

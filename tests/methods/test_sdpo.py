@@ -3,7 +3,7 @@
 import pytest
 
 from lightning_pref.errors import ConfigError
-from lightning_pref.methods import SDPO
+from lightning_pref.methods import SDPO, SIPO
 
 
 @pytest.mark.parametrize(
@@ -17,3 +17,7 @@ from lightning_pref.methods import SDPO
 def test_sdpo_refuses_bad_loss_options(sd_backbone, options, message):
     with pytest.raises(ConfigError, match=message):
         SDPO(sd_backbone, **options)
+
+
+def test_sipo_is_sdpo():
+    assert SIPO is SDPO

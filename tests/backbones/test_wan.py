@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-from video_helpers import (
+from helpers.video import (
     METHODS,
     check_example_config_parses,
     check_method_fits_one_step_or_refuses,

@@ -1,8 +1,10 @@
+"""SampleGrid: the before/after grid with rewards, and videos as filmstrips."""
+
 import json
 
 import torch
-from conftest import random_pairs
-from test_module import trainer
+from helpers.pairs import random_pairs
+from helpers.training import trainer
 from torch.utils.data import DataLoader
 
 from lightning_pref.backbones import StableDiffusionBackbone
@@ -45,45 +47,3 @@ def test_videos_are_saved_as_filmstrips_of_evenly_spaced_frames(tmp_path):
     assert strips[0, 0, 0].tolist() == [0.0, 0.0, 0.5, 0.5, 1.0, 1.0]
     path = save_image_grid([videos, videos], tmp_path / "grid.png", max_frames=3)
     assert Image.open(path).size == (2 * 6, 2 * 2)  # two videos per row, two rows
-
-
-def test_ema_weights_average_every_optimizer_step_and_replace_the_weights_at_the_end(tmp_path):
-    import lightning.pytorch as pl
-
-    from lightning_pref.callbacks import EMAWeights
-
-    class Line(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.zeros(3))
-            self.seen = []
-
-        def training_step(self, batch, batch_idx):
-            return ((self.weight - batch) ** 2).sum()
-
-        def on_train_batch_end(self, outputs, batch, batch_idx):
-            self.seen.append(self.weight.detach().clone())  # after this step's optimizer step
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    module, ema = Line(), EMAWeights(decay=0.5)
-    batches = torch.arange(12, dtype=torch.float32).reshape(4, 3)
-    pl.Trainer(
-        max_steps=4,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[ema],
-    ).fit(module, torch.utils.data.DataLoader(batches, batch_size=None))
-    expected = module.seen[0]  # the first update copies; then d_n = min(0.5, n / (9 + n))
-    for n, weights in enumerate(module.seen[1:], start=2):
-        decay = min(0.5, n / (9 + n))
-        expected = decay * expected + (1 - decay) * weights
-    torch.testing.assert_close(module.weight.detach(), expected)  # the average replaced the trained weights
-    restored = EMAWeights(decay=0.5)
-    restored.load_state_dict(ema.state_dict())
-    assert restored.updates == 4 and torch.equal(restored.average["weight"], expected)

@@ -5,8 +5,8 @@ import json
 
 import numpy as np
 import pytest
+from helpers.shards import read_samples
 from PIL import Image
-from shard_helpers import read_samples
 
 from lightning_pref.data_commands import data_main
 from lightning_pref.datamodules import PreferenceDataModule, VideoPreferenceDataModule

@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import yaml
 
+from helpers.processes import REPO
 from lightning_pref.methods import DiffusionDPO
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(tiny_sd, tiny_shards, tmp_path, **model_options):

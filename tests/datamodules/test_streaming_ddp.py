@@ -1,22 +1,14 @@
 """Two DDP processes (gloo, CPU) with two dataloader workers each: distinct samples, equal batch counts."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
+from helpers.processes import SCRIPTS, script_env
 
 from lightning_pref.datamodules import write_preference_shards
 from lightning_pref.seeding import unit_hash
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_ranks_get_disjoint_samples_and_the_same_number_of_batches(tmp_path):
@@ -25,14 +17,12 @@ def test_ranks_get_disjoint_samples_and_the_same_number_of_batches(tmp_path):
         write_preference_shards(
             [{"winner": pixel, "loser": pixel, "caption": "x"}] * size, tmp_path / "shards", prefix=f"s{index}"
         )
-    script = Path(__file__).with_name("ddp_record_batches.py")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "shards"), str(tmp_path)],
+        [sys.executable, str(SCRIPTS / "ddp_record_batches.py"), str(tmp_path / "shards"), str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=240,
-        env=env,
+        env=script_env(),
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]

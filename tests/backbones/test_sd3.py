@@ -5,14 +5,14 @@ import copy
 import csv
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import random_pairs
 from diffusers import StableDiffusion3Pipeline
-from test_module import trainer
+from helpers.pairs import random_pairs
+from helpers.processes import REPO
+from helpers.training import trainer
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -23,7 +23,6 @@ from lightning_pref.datamodules.precompute import precompute_shards
 from lightning_pref.methods import DMPO, SDPO, SEEDPO, DiffusionDPO, DiffusionKTO, DPOClipMask, MaPO
 from lightning_pref.tiny import write_tiny_sd3_pipeline
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "a blue dog"]
 CLIP_TOKENS, T5_TOKENS, ZERO_T5_TOKENS = 16, 16, 256  # tiny tokenizers' lengths; SD3's default T5 length
 CLIP_WIDTH, T5_WIDTH = 16 + 32, 64  # CLIP-L + CLIP-G channels; T5 channels (the transformer's joint_attention_dim)

@@ -7,15 +7,15 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from test_module import trainer as cpu_trainer
 from torch.utils.data import DataLoader
 
+from helpers.processes import REPO
+from helpers.training import trainer as cpu_trainer
 from lightning_pref import methods
 from lightning_pref.cli import main as cli_main
 from lightning_pref.methods import DiffusionDPO
 from lightning_pref.methods.base import PreferenceDiffusionModule
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "a blue dog", "a green circle", "a square"]
 
 #: Every preference method of the library: the modules ``lightning_pref.methods`` exports that define a loss

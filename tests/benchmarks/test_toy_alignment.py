@@ -3,9 +3,9 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.processes import REPO
+
 SCRIPT = REPO / "benchmarks" / "toy_alignment.py"
 TINY = ["--seeds", "0", "1", "--eval-seeds", "2", "--pairs", "16", "--heldout-pairs", "8", "--max-steps", "2"]
 

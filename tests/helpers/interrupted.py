@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-from shard_helpers import append_members
 
+from helpers.processes import SCRIPTS, script_env
+from helpers.shards import append_members
 from lightning_pref.datamodules import write_preference_shards
 
-SCRIPT = Path(__file__).with_name("scripts") / "interrupted_fit.py"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+SCRIPT = SCRIPTS / "interrupted_fit.py"
 
 
 def write_resume_shards(out: Path) -> Path:
@@ -53,10 +46,9 @@ def script_command(pipeline: Path, shards: Path, out: Path, **options) -> list[s
 
 def run_fit(pipeline: Path, shards: Path, out: Path, **options) -> int:
     """Run the script to its end (or its SIGKILL); returns its exit status (``-9`` when killed)."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         script_command(pipeline, shards, out, **options),
-        env=env,
+        env=script_env(),
         cwd=out,
         capture_output=True,
         text=True,

@@ -1,4 +1,4 @@
-"""Run by tests/test_data_ddp.py as a script (Lightning's DDP launcher re-executes it for rank 1).
+"""Run by tests/datamodules/test_streaming_ddp.py as a script (Lightning's DDP launcher re-executes it for rank 1).
 
     python ddp_record_batches.py SHARD_DIR OUT_DIR
 

@@ -5,39 +5,14 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import random_pairs
+from helpers.pairs import pair_loader, random_pairs
+from helpers.training import perturb_lora, trainer
 from torch.utils.data import DataLoader
 
 from lightning_pref.backbones import StableDiffusionBackbone
 from lightning_pref.errors import CheckpointError, DataError
 from lightning_pref.methods import DiffusionDPO, PairRandomness, PreferenceDiffusionModule, Samples
 from lightning_pref.reference import FrozenCopy
-
-
-def trainer(tmp_path, steps, **kwargs):
-    options = dict(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    options.update(kwargs)
-    return pl.Trainer(**options)
-
-
-def loader(num_pairs=8, batch_size=4):
-    return DataLoader(random_pairs(num_pairs), batch_size=batch_size)
-
-
-def perturb_lora(module):
-    """LoRA B starts at zero (policy == reference); give it values so the two differ."""
-    with torch.no_grad():
-        for name, param in module.denoiser.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
 
 
 def test_winner_and_loser_share_timestep_and_noise(sd_backbone):
@@ -80,7 +55,7 @@ def test_only_trainable_parameters_receive_gradients(sd_backbone, finetune):
     module = DiffusionDPO(sd_backbone, finetune=finetune)
     if finetune == "lora":
         perturb_lora(module)
-    batch = next(iter(loader()))
+    batch = next(iter(pair_loader()))
     random = PairRandomness.for_pairs((0,), range(len(batch["prompt"])))
     samples = module.prepare_samples(batch, random)
     errors = module.sample_errors(module.noise_samples(samples, random), samples.conditioning, batch)
@@ -115,7 +90,7 @@ def test_reference_never_changes_while_the_policy_trains(tmp_path, tiny_sd, fine
     x_t, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
     conditioning = base.encode_prompts(["a red cat", "a dog"])
     before_policy = module.backbone.predict(module.denoiser, x_t, t, conditioning).detach()
-    trainer(tmp_path, 3).fit(module, loader())
+    trainer(tmp_path, 3).fit(module, pair_loader())
     module.eval()
     expected = base.predict(base.denoiser, x_t, t, conditioning)
     torch.testing.assert_close(module.reference_prediction(x_t, t, conditioning), expected)
@@ -143,7 +118,7 @@ def test_offloaded_reference_stays_on_cpu_and_matches(sd_backbone):
 def test_checkpoint_holds_only_trained_weights(tmp_path, sd_backbone, finetune):
     module = DiffusionDPO(sd_backbone, finetune=finetune)
     fit = trainer(tmp_path, 1)
-    fit.fit(module, loader(4))
+    fit.fit(module, pair_loader(4))
     path = tmp_path / "model.ckpt"
     fit.save_checkpoint(path)
     state = torch.load(path, weights_only=True)["state_dict"]
@@ -188,11 +163,11 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, tiny_sd, finetune):
 def test_checkpoint_from_another_configuration_is_refused(tmp_path, tiny_sd):
     lora = DiffusionDPO(StableDiffusionBackbone(str(tiny_sd)), finetune="lora", lora_rank=4)
     fit = trainer(tmp_path, 1)
-    fit.fit(lora, loader(4))
+    fit.fit(lora, pair_loader(4))
     fit.save_checkpoint(tmp_path / "lora.ckpt")
     full = DiffusionDPO(StableDiffusionBackbone(str(tiny_sd)), finetune="full")
     with pytest.raises(CheckpointError, match="finetune: 'lora' in the checkpoint, 'full' in the config"):
-        trainer(tmp_path, 2).fit(full, loader(4), ckpt_path=tmp_path / "lora.ckpt")
+        trainer(tmp_path, 2).fit(full, pair_loader(4), ckpt_path=tmp_path / "lora.ckpt")
 
 
 def test_missing_batch_field_is_a_clear_error(tmp_path, sd_backbone):
@@ -247,7 +222,7 @@ def test_bf16_mixed_precision_and_gradient_checkpointing_train(tmp_path, sd_back
     assert module.denoiser.is_gradient_checkpointing
     before = {name: p.detach().clone() for name, p in module.denoiser.named_parameters()}
     fit = trainer(tmp_path, 2, precision="bf16-mixed")
-    fit.fit(module, loader(8))
+    fit.fit(module, pair_loader(8))
     assert torch.isfinite(fit.callback_metrics["train/loss"])
     assert any(not torch.equal(before[name], p) for name, p in module.denoiser.named_parameters())
     assert next(module.denoiser.parameters()).dtype == torch.float32  # master weights stay fp32
@@ -256,7 +231,7 @@ def test_bf16_mixed_precision_and_gradient_checkpointing_train(tmp_path, sd_back
 def test_adafactor_optimizer(tmp_path, sd_backbone):
     module = DiffusionDPO(sd_backbone, optimizer="adafactor", lr=1e-3)
     fit = trainer(tmp_path, 1)
-    fit.fit(module, loader(4))
+    fit.fit(module, pair_loader(4))
     assert type(fit.optimizers[0]).__name__ == "Adafactor"
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline, DDIMScheduler
-from video_helpers import (
+from helpers.video import (
     METHODS,
     check_example_config_parses,
     check_method_fits_one_step_or_refuses,

@@ -2,11 +2,11 @@
 
 import logging
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from shard_helpers import append_members
+from helpers.shards import append_members
+from helpers.training import trainer as make_trainer
 
 from lightning_pref.datamodules import PickAPicDataModule, PreferenceDataModule, write_preference_shards
 from lightning_pref.datamodules.media import Geometry
@@ -172,15 +172,7 @@ def test_truncated_shard_and_missing_field_do_not_stop_training(tmp_path, sd_bac
     datamodule = PreferenceDataModule(
         str(tmp_path), batch_size=4, num_workers=0, shuffle_buffer=4, batches_per_epoch=6, seed=1
     )
-    trainer = pl.Trainer(
-        max_steps=6,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = make_trainer(tmp_path, 6)
     with caplog.at_level(logging.WARNING):
         trainer.fit(DiffusionDPO(sd_backbone), datamodule=datamodule)
     assert trainer.global_step == 6

@@ -1,4 +1,4 @@
-"""Run by tests/test_strategies.py as a script: Lightning's launchers re-execute it for every rank.
+"""Run by tests/test_strategies.py and tests/hostile/test_checkpoints.py as a script: Lightning's launchers re-execute it for every rank.
 
     python distributed_fit.py PIPELINE OUT_DIR --strategy {single,ddp,zero2,zero3,fsdp2} --finetune {lora,full}
         [--backbone {sd,sd3,cogvideox,wan}] [--devices N] [--nodes N] [--steps N] [--resume CHECKPOINT]
@@ -22,40 +22,17 @@ import deepspeed
 import deepspeed.ops
 import lightning.pytorch as pl
 import torch
+from helpers.distributed import BACKBONES, GLOBAL_BATCH, global_batch, training_module
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from lightning_pref.backbones import CogVideoXBackbone, StableDiffusion3Backbone, StableDiffusionBackbone, WanBackbone
 from lightning_pref.callbacks import SampleGrid
-from lightning_pref.methods import DiffusionDPO
 from lightning_pref.reference import FrozenCopy
 from lightning_pref.strategies import DeepSpeedStrategy, ModelParallelStrategy
 
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip compiling the shared-memory comm op
-GLOBAL_BATCH = 4
-
-
-BACKBONES = {  # backbone class and the pixel shape of one image or video of its tiny pipeline
-    "sd": (StableDiffusionBackbone, (3, 8, 8)),
-    "sd3": (StableDiffusion3Backbone, (3, 16, 16)),
-    "cogvideox": (CogVideoXBackbone, (3, 5, 16, 16)),
-    "wan": (WanBackbone, (3, 5, 16, 16)),
-}
-
-
-def global_batch(pixel_shape: tuple[int, ...]) -> list[dict]:
-    generator = torch.Generator().manual_seed(0)
-    prompts = ["a red cat", "a blue dog", "a green circle", "a square"]
-    return [
-        {
-            "pixels_w": torch.rand(pixel_shape, generator=generator) * 2 - 1,
-            "pixels_l": torch.rand(pixel_shape, generator=generator) * 2 - 1,
-            "prompt": prompt,
-        }
-        for prompt in prompts
-    ]
 
 
 class RankSlice(pl.LightningDataModule):
@@ -109,38 +86,6 @@ class Record(pl.Callback):
         state = gathered_state(module.denoiser, trainer.strategy)
         if trainer.global_rank == 0:
             save_file(state, self.out_dir / "final_denoiser.safetensors")
-
-
-class RecordingDPO(DiffusionDPO):
-    """Diffusion-DPO that keeps each step's per-sample errors (``errors_by_step``), trained with plain SGD.
-
-    SGD moves the weights by ``lr * gradient``, so a rounding difference between two runs stays a rounding
-    difference in the next step's weights; AdamW divides each gradient by its running RMS, which turns a
-    gradient that is zero up to rounding into a full ``lr``-sized step of either sign.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.errors_by_step: dict[int, dict[str, list[float]]] = {}
-
-    def compute_loss(self, errors, batch):
-        self.errors_by_step[self.global_step + 1] = {
-            name: value.detach().float().tolist()
-            for name, value in zip(("policy_w", "policy_l", "ref_w", "ref_l"), errors.as_args())
-        }
-        return super().compute_loss(errors, batch)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
-
-
-def training_module(pipeline: str, backbone: str = "sd", finetune: str = "full") -> RecordingDPO:
-    """The module every run of this script trains (tests rebuild it to load its checkpoints)."""
-    # All in float32 (the T5 encoders default to bfloat16), so one process and N differ by fp32 rounding alone.
-    options = {} if backbone == "sd" else {"text_encoder_dtype": "float32"}
-    return RecordingDPO(
-        BACKBONES[backbone][0](str(pipeline), **options), beta=500.0, finetune=finetune, lr=1e-3, seed=7
-    )
 
 
 def gathered_state(denoiser: torch.nn.Module, strategy) -> dict[str, torch.Tensor]:

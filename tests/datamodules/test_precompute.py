@@ -6,8 +6,9 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers.shards import read_samples
+from helpers.training import trainer as make_trainer
 from safetensors.torch import load as load_safetensors
-from shard_helpers import read_samples
 
 from lightning_pref.backbones import StableDiffusionBackbone, StableDiffusionXLBackbone
 from lightning_pref.data_commands import data_main
@@ -66,16 +67,7 @@ def fit_losses(backbone, shards, tmp_path):
             record.append((batch["key"], "latents_w" in batch, outputs["loss"].item()))
 
     data = PreferenceDataModule(str(shards), batch_size=4, num_workers=0, shuffle_buffer=8, batches_per_epoch=3)
-    trainer = pl.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[Record()],
-    )
+    trainer = make_trainer(tmp_path, 3, callbacks=[Record()])
     module = DiffusionDPO(backbone, lr=1e-3)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # LoRA B starts at zero (loss = log 2 for any data): give the policy an offset

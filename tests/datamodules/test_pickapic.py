@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers.shards import read_samples
 from PIL import Image
-from shard_helpers import read_samples
 
 from lightning_pref.datamodules import PreferenceDataModule
 from lightning_pref.datamodules.pickapic import convert_pickapic

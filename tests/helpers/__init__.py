@@ -1,0 +1,1 @@
+"""What the tests share: data, trainers, subprocess launches. Tests import these, never each other."""
