@@ -32,6 +32,7 @@ setup(
         "jsonargparse[signatures]>=4.32",
         "safetensors",
         "pillow",
+        "matplotlib",
         "numpy",
         "pyarrow",
     ],

@@ -1,4 +1,5 @@
-"""The ``lightning-pref`` command: LightningCLI (``fit``, ``validate``) plus ``data``, ``plan`` and ``export``.
+"""The ``lightning-pref`` command: LightningCLI (``fit``, ``validate``) plus ``data``, ``plan``, ``export`` and
+``plot``.
 
     lightning-pref fit --config examples/quickstart.yaml
     lightning-pref fit --config x.yaml --model.init_args.beta 2000 --trainer.max_steps 100
@@ -6,6 +7,7 @@
     lightning-pref fit --print_config
     lightning-pref data toy --out data/toy
     lightning-pref export --config run/config.yaml --checkpoint run/checkpoints/last.ckpt --out tuned
+    lightning-pref plot outputs/quickstart
 
 An error the user can fix ([`lightning_pref.errors`][lightning_pref.errors]) is printed as one line naming the key, file or
 field and the fix, with exit status 2; ``LIGHTNING_PREF_DEBUG=1`` shows its traceback.
@@ -34,6 +36,7 @@ commands:
   data       write preference shards: pickapic, pairs, video-pairs, precompute, toy
   plan       per-GPU memory of a preference run, before renting the GPUs
   export     a training checkpoint to a diffusers model or LoRA
+  plot       training curves of a run's metrics.csv to a PNG
 
 `lightning-pref COMMAND --help` describes each command.
 """
@@ -138,6 +141,10 @@ def run(args: list[str] | None) -> None:
         from lightning_pref.export import export_main
 
         export_main(words[1:])
+    elif words[0] == "plot":
+        from lightning_pref.plotting import plot_main
+
+        plot_main(words[1:])
     else:
         PreferenceCLI(args=args)
 

@@ -2,7 +2,8 @@
 
 1. Samples preference pairs from the toy base model and labels them with the toy reward (once; reused), and
    a few pairs on the held-out prompts for the drift check.
-2. Runs ``lightning-pref fit --config examples/quickstart.yaml`` (checkpoint, metrics, before/after grid).
+2. Runs ``lightning-pref fit --config examples/quickstart.yaml`` (checkpoint, metrics, before/after grid) and
+   draws its training curves.
 3. Compares the tuned model with the base on held-out prompts from identical noise
    ([`lightning_pref.toy.evaluation`][lightning_pref.toy.evaluation]) and says in one line whether the run aligned: the win rate, the
    reward before -> after, and how far the winners' error drifted.
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 from lightning_pref.cli import PreferenceCLI, quiet_libraries
+from lightning_pref.plotting import find_metrics, plot_training_curves
 
 OUTPUT = Path("outputs/quickstart")
 CONFIG = Path("examples/quickstart.yaml")
@@ -66,10 +68,12 @@ def main(args: list[str] | None = None) -> None:
     result = evaluate_against_base(module.eval().backbone, None, EVAL_SEEDS, OUTPUT / "heldout", progress=True)
     result["seed"] = options.seed
     (OUTPUT / "alignment.json").write_text(json.dumps(result, indent=2))
-    metrics = sorted(OUTPUT.glob("lightning_logs/version_*/metrics.csv"))[-1]
+    metrics = find_metrics(OUTPUT / "lightning_logs")
+    curves = plot_training_curves(metrics, OUTPUT / "curves.png")
     print()
     print(f"checkpoint:  {OUTPUT / 'checkpoints' / 'last.ckpt'}")
     print(f"metrics:     {metrics}")
+    print(f"curves:      {curves}")
     print(f"samples:     {OUTPUT / 'samples' / 'before_after.png'} (top: before, bottom: after)")
     print(f"alignment:   {OUTPUT / 'alignment.json'} ({4 * EVAL_SEEDS} held-out samples)")
     print(verdict(result))
