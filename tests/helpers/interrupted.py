@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -45,19 +46,27 @@ def script_command(pipeline: Path, shards: Path, out: Path, **options) -> list[s
 
 
 def run_fit(pipeline: Path, shards: Path, out: Path, **options) -> int:
-    """Run the script to its end (or its SIGKILL); returns its exit status (``-9`` when killed)."""
-    result = subprocess.run(
+    """Run the script to its end (or its SIGKILL); returns its exit status (``-9`` when killed). A run that has
+    not ended after 300 s is killed with its whole process group (every rank and worker) and fails with the
+    end of its output, so a stuck rendezvous or worker shows where it stopped."""
+    process = subprocess.Popen(
         script_command(pipeline, shards, out, **options),
         env=script_env(),
         cwd=out,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=300,
         start_new_session=True,
     )
-    if result.returncode not in (0, -signal.SIGKILL):
-        raise AssertionError(result.stderr[-4000:])
-    return result.returncode
+    try:
+        output, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        raise AssertionError(f"the fit did not end within 300 s; its output ends:\n{output[-4000:]}") from None
+    if process.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError(output[-4000:])
+    return process.returncode
 
 
 def losses(out: Path, devices: int = 1) -> list[list[dict]]:
