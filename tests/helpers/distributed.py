@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from helpers.processes import SCRIPTS, script_env
+from helpers.processes import SCRIPTS, finish, script_env
 from lightning_pref.backbones import CogVideoXBackbone, StableDiffusion3Backbone, StableDiffusionBackbone, WanBackbone
 from lightning_pref.methods import DiffusionDPO
 
@@ -115,11 +115,12 @@ def fit(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,
         )
         for node in range(nodes)
     ]
     for launch in launches:
-        output, _ = launch.communicate(timeout=300)
+        output = finish(launch)
         assert launch.returncode == 0, output[-4000:]
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(devices * nodes)]
 

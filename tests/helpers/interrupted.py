@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers.processes import SCRIPTS, script_env
+from helpers.processes import SCRIPTS, finish, script_env
 from helpers.shards import append_members
 from lightning_pref.datamodules import write_preference_shards
 
@@ -46,9 +45,7 @@ def script_command(pipeline: Path, shards: Path, out: Path, **options) -> list[s
 
 
 def run_fit(pipeline: Path, shards: Path, out: Path, **options) -> int:
-    """Run the script to its end (or its SIGKILL); returns its exit status (``-9`` when killed). A run that has
-    not ended after 300 s is killed with its whole process group (every rank and worker) and fails with the
-    end of its output, so a stuck rendezvous or worker shows where it stopped."""
+    """Run the script to its end (or its SIGKILL); returns its exit status (``-9`` when killed)."""
     process = subprocess.Popen(
         script_command(pipeline, shards, out, **options),
         env=script_env(),
@@ -58,12 +55,7 @@ def run_fit(pipeline: Path, shards: Path, out: Path, **options) -> int:
         text=True,
         start_new_session=True,
     )
-    try:
-        output, _ = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        raise AssertionError(f"the fit did not end within 300 s; its output ends:\n{output[-4000:]}") from None
+    output = finish(process)
     if process.returncode not in (0, -signal.SIGKILL):
         raise AssertionError(output[-4000:])
     return process.returncode

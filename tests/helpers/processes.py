@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -29,3 +31,15 @@ def script_env(**extra: str) -> dict[str, str]:
         "PYTHONPATH": path,
         **extra,
     }
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for a script started with ``start_new_session=True`` and return its output. One that has not ended
+    after ``timeout`` seconds is killed with its whole process group (every rank and dataloader worker) and
+    fails with the end of its output, so a stuck rendezvous or worker shows where it stopped."""
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate()[0]
+        raise AssertionError(f"the script did not end within {timeout} s; its output ends:\n{output[-4000:]}") from None
