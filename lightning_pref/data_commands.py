@@ -6,6 +6,7 @@ lightning-pref data video-pairs --format videoalign --source train.csv --out sha
 lightning-pref data video-pairs --format videodpo --source vidpro-dpo/ --out shards/video
 lightning-pref data precompute --backbone StableDiffusionBackbone --pretrained PATH --in shards/pickapic --out shards/latents
 lightning-pref data toy --out data/toy --pairs 2048 [--label-noise 0.2] [--users warm cool]
+lightning-pref data toy --real --out data/toy-real --pairs 1024
 """
 
 from __future__ import annotations
@@ -112,13 +113,22 @@ def data_main(args: list[str]) -> None:
     )
     precompute.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
-    toy = commands.add_parser("toy", help="sample the toy base model and label pairs with a programmatic reward")
+    toy = commands.add_parser(
+        "toy",
+        help="sample the toy base model and label pairs with a programmatic reward (--real: rendered real winners)",
+    )
     toy.add_argument("--out", required=True, help="output directory for the shards and info.json")
     toy.add_argument("--pairs", type=int, default=1024, help="candidate pairs to sample (near-ties are dropped)")
     toy.add_argument("--users", nargs="+", default=["warm"], choices=["warm", "cool"], help="one preference per user")
     toy.add_argument("--label-noise", type=float, default=0.0, help="fraction of pairs whose labels are flipped")
     toy.add_argument("--pipeline", default=None, help="pipeline to sample (default: the toy base model)")
     toy.add_argument("--seed", type=int, default=0)
+    toy.add_argument(
+        "--real",
+        action="store_true",
+        help="write --pairs real winners instead (unpaired shards of rendered scenes in the first user's "
+        "preferred colours), for SPIN-Diffusion and SSPO",
+    )
 
     options = parser.parse_args(args)
     if options.command == "pickapic":
@@ -142,6 +152,11 @@ def data_main(args: list[str]) -> None:
             counts = convert_pair_table(options.source, options.out, options.root, **table_options(options, "video"))
     elif options.command == "precompute":
         counts = run_precompute(options)
+    elif options.real:
+        from lightning_pref.toy.preferences import generate_toy_winners
+
+        info = generate_toy_winners(options.out, options.pairs, preference=options.users[0], seed=options.seed)
+        counts = info["counts"]
     else:
         from lightning_pref.toy.preferences import generate_toy_preferences
 

@@ -186,8 +186,10 @@ class Backbone(nn.Module):
         num_inference_steps: int = 25,
         guidance_scale: float = 5.0,
         initial_noise: Tensor | None = None,
+        decode: bool = True,
     ) -> Tensor:
-        """Generate one image per prompt with classifier-free guidance; returns pixels in [0, 1].
+        """Generate one image per prompt with classifier-free guidance; returns pixels in [0, 1] (with
+        ``decode=False``, the clean latents).
 
         ``initial_noise`` (of ``latent_shape``) fixes the starting noise, so two denoisers (say, the base and
         the tuned model) can be compared on identical seeds; without it, the noise is drawn from the global RNG.
@@ -216,4 +218,6 @@ class Backbone(nn.Module):
                 unconditional, conditional = prediction.chunk(2)
                 prediction = unconditional + guidance_scale * (conditional - unconditional)
             latents = scheduler.step(prediction, t, latents).prev_sample
+        if not decode:
+            return latents
         return ((self.decode_latents(latents).float() + 1) / 2).clamp(0, 1)

@@ -80,23 +80,14 @@ class SampleGrid(pl.Callback):
         return Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "samples")
 
     def generate(self, pl_module: pl.LightningModule) -> Tensor:
-        backbone = pl_module.backbone
-        noise = torch.stack(
-            [
-                torch.randn(backbone.latent_shape(1)[1:], generator=torch.Generator().manual_seed(self.seed + i))
-                for i in range(len(self.prompts))
-            ]
-        )
-        was_training = pl_module.training
-        pl_module.eval()
-        images = backbone.sample(
+        seeds = [self.seed + i for i in range(len(self.prompts))]
+        return pl_module.generate(
             self.prompts,
-            initial_noise=noise,
+            seeds,
             num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale,
+            batch_size=len(self.prompts),
         ).cpu()
-        pl_module.train(was_training)
-        return images
 
     def save(self, trainer: pl.Trainer, images: Tensor, name: str) -> None:
         save_image_grid([images], self.output_dir(trainer) / name, self.scale)

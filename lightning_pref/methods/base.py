@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from lightning_pref.backbones.base import Backbone, Conditioning, concat_conditioning
 from lightning_pref.batch import LATENTS, PIXELS, WINNER, batch_size_of, media_field, pair_media, sample_media
 from lightning_pref.errors import CheckpointError, ConfigError, DataError, TrainingError
+from lightning_pref.generation import evaluating, generate
 from lightning_pref.losses import (
     check_entropy_gamma,
     check_safeguard_options,
@@ -69,6 +70,7 @@ from lightning_pref.methods.options import (
     check_training_options,
 )
 from lightning_pref.methods.step import NoisySamples, SampleErrors, Samples, mean_squared_error
+from lightning_pref.pair_sources import PairSource
 from lightning_pref.reference import AdaptersDisabled, FrozenCopy, Reference
 from lightning_pref.seeding import PairRandomness
 from lightning_pref.strategies import fully_shard_blocks
@@ -107,6 +109,8 @@ class PreferenceDiffusionModule(pl.LightningModule):
         stratified_timesteps: draw the pairs' timesteps from equal strata of the schedule, one per pair of the
             global batch, instead of independently: the same distribution and expected loss, a lower-variance
             gradient ([`PairRandomness.timesteps`][lightning_pref.seeding.PairRandomness.timesteps]).
+        pair_source: make the pairs during training from the batch's prompts instead of reading them from
+            shards ([`lightning_pref.pair_sources`][lightning_pref.pair_sources]); pairwise methods only.
     """
 
     #: prediction types (``epsilon``, ``v_prediction``, ``flow``) the method is defined for; ``None``: all.
@@ -144,9 +148,10 @@ class PreferenceDiffusionModule(pl.LightningModule):
         entropy_gamma: float = 0.0,
         nonfinite: Literal["stop", "skip"] = "stop",
         stratified_timesteps: bool = False,
+        pair_source: PairSource | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone"])
+        self.save_hyperparameters(ignore=["backbone", "pair_source"])
         self.check_backbone(backbone)
         check_training_options(beta, lr, weight_decay, adam_betas, warmup_steps, lora_rank, lora_alpha, lora_dropout)
         if nonfinite not in ("stop", "skip"):
@@ -175,6 +180,9 @@ class PreferenceDiffusionModule(pl.LightningModule):
         self.entropy_gamma = entropy_gamma
         self.nonfinite = nonfinite
         self.stratified_timesteps = stratified_timesteps
+        if pair_source is not None and not self.pairwise:
+            raise ConfigError(f"{type(self).__name__} does not train on pairs: remove its pair_source.")
+        self.pair_source = pair_source.requires_grad_(False) if pair_source is not None else None
         # Only the trained weights go into checkpoints; the frozen parts reload from `backbone`.
         self.strict_loading = False
 
@@ -280,6 +288,7 @@ class PreferenceDiffusionModule(pl.LightningModule):
 
     def preference_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> Tensor:
         random = self.step_randomness(batch, batch_idx, stage)
+        batch = self.make_pairs(batch, random)
         samples = self.prepare_samples(batch, random)
         noisy = self.noise_samples(samples, random)
         errors = self.sample_errors(noisy, samples.conditioning, batch)
@@ -305,6 +314,11 @@ class PreferenceDiffusionModule(pl.LightningModule):
         return PairRandomness.for_pairs(
             stream, range(first, first + num_pairs), total=num_pairs * self.trainer.world_size
         )
+
+    def make_pairs(self, batch: dict[str, Any], random: PairRandomness) -> dict[str, Any]:
+        """The batch the step trains on: with a ``pair_source``, the pairs it makes from ``batch``
+        ([`PairSource.pairs`][lightning_pref.pair_sources.PairSource.pairs]); otherwise ``batch`` itself."""
+        return batch if self.pair_source is None else self.pair_source.pairs(self, batch, random)
 
     def prepare_samples(self, batch: dict[str, Any], random: PairRandomness) -> Samples:
         """The step's clean samples: a pair batch's ``[winners; losers]`` (``prepare_pairs``), or, for a
@@ -442,6 +456,24 @@ class PreferenceDiffusionModule(pl.LightningModule):
             }
         return {name: value.detach().to("cpu", copy=True) for name, value in self.denoiser.state_dict().items()}
 
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        source: Literal["policy", "reference"] = "policy",
+        **settings: Any,
+    ) -> Tensor:
+        """Samples of ``prompts`` from the policy or from the reference (whatever weights are installed in it), in
+        eval mode, restoring the train mode and the adapters afterwards; ``settings``: those of
+        [`generation.generate`][lightning_pref.generation.generate] (steps, guidance, batch size, ``decode``)."""
+        if source not in ("policy", "reference"):
+            raise ConfigError(f"source={source!r}: generate from 'policy' or 'reference'.")
+        network = self.reference_denoiser() if source == "reference" else contextlib.nullcontext(self.denoiser)
+        with evaluating(self), network as denoiser:
+            return generate(self.backbone, prompts, seeds, denoiser=denoiser, **settings)
+
     def checked_reference(self) -> Reference:
         if self.reference is None:
             raise RuntimeError(
@@ -485,10 +517,12 @@ class PreferenceDiffusionModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Before every optimizer step (and before gradient clipping): a NaN or infinite gradient stops the run or
         (``nonfinite="skip"``) removes every gradient, so the optimizer leaves the weights and its state alone."""
-        named = [(name, param) for name, param in self.named_parameters() if param.grad is not None]
-        if not named or bool(torch.isfinite(torch.nn.utils.get_total_norm([p.grad for _, p in named]))):
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params or bool(torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in params]))):
             return
-        first = next(name for name, param in named if not bool(torch.isfinite(param.grad).all()))
+        first = next(
+            name for name, p in self.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+        )
         if self.nonfinite == "stop":
             raise TrainingError(
                 f"step {self.global_step}: the gradient of {first} holds NaN/Inf; stopped before the optimizer step "
@@ -497,7 +531,7 @@ class PreferenceDiffusionModule(pl.LightningModule):
         log.warning(
             "step %d: the gradient of %s holds NaN/Inf; this optimizer step is skipped.", self.global_step, first
         )
-        for _, param in named:
+        for param in params:
             param.grad = None
         self.log("train/skipped_step", 1.0, on_step=True, on_epoch=False)
 

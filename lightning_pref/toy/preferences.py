@@ -9,6 +9,10 @@ Pick-a-Pic drops its ties. Variants the methods need:
 * ``users``: several users with their own preferences (``warm`` or ``cool``), ``user_id`` in the json,
   for personalized methods (PPD).
 
+Real winners (``generate_toy_winners``), for the methods that pair a real image with a generated one
+(SPIN-Diffusion, SSPO): rendered scenes a preference dataset's winners would be, the named shape in one of
+the preferred colours, as unpaired shards.
+
 Shards follow the library's preference format ([`lightning_pref.datamodules.shards`][lightning_pref.datamodules.shards]), so the same
 DataModule and configs read them as they read converted Pick-a-Pic.
 """
@@ -21,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from lightning_pref.backbones import StableDiffusionBackbone
-from lightning_pref.datamodules.shards import write_preference_shards
+from lightning_pref.datamodules.shards import write_preference_shards, write_unpaired_shards
 from lightning_pref.errors import ConfigError
+from lightning_pref.generation import generate
 from lightning_pref.rewards import ShapeAgreementReward, WarmthReward, WeightedSumReward
-from lightning_pref.toy.world import EVAL_PROMPTS
+from lightning_pref.toy.world import BACKGROUNDS, COLORS, EVAL_PROMPTS, parse_prompt, render
 
 # Colour-free prompts: the base model draws every colour for them, so only a preference decides it.
 # Four are held out from training (one per shape) to measure generalization to unseen prompts.
@@ -55,12 +59,6 @@ class ToyPreferenceReward(WeightedSumReward):
         super().__init__([(WarmthReward(), sign), (ShapeAgreementReward(), 1.0)])
 
 
-def fixed_noise(backbone: StableDiffusionBackbone, seeds: Sequence[int]) -> torch.Tensor:
-    """Initial noise, one sample per seed, identical whatever the batch it is drawn in."""
-    shape = backbone.latent_shape(1)[1:]
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
 def sample_images(
     backbone: StableDiffusionBackbone,
     prompts: Sequence[str],
@@ -69,22 +67,18 @@ def sample_images(
     denoiser=None,
     progress: str | None = None,
 ) -> torch.Tensor:
-    """Images in [0, 1] for ``prompts``, image ``i`` from the noise of ``seeds[i]``; ``progress`` names a
-    progress bar (none when ``None``)."""
-    images = []
-    starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=progress, unit="batch", disable=progress is None, leave=False):
-        chunk = slice(start, start + batch_size)
-        images.append(
-            backbone.sample(
-                list(prompts[chunk]),
-                denoiser=denoiser,
-                initial_noise=fixed_noise(backbone, seeds[chunk]),
-                num_inference_steps=SAMPLING_STEPS,
-                guidance_scale=GUIDANCE_SCALE,
-            ).cpu()
-        )
-    return torch.cat(images)
+    """Images in [0, 1] for ``prompts``, image ``i`` from the noise of ``seeds[i]``, with the toy world's sampler
+    settings; ``progress`` names a progress bar (none when ``None``)."""
+    return generate(
+        backbone,
+        prompts,
+        seeds,
+        denoiser=denoiser,
+        num_inference_steps=SAMPLING_STEPS,
+        guidance_scale=GUIDANCE_SCALE,
+        batch_size=batch_size,
+        progress=progress,
+    ).cpu()
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -173,6 +167,50 @@ def generate_toy_preferences(
             "pipeline": str(pipeline or "toy base model"),
         },
         "counts": counts,
+    }
+    (out_dir / "info.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+#: the colours each toy preference rewards (lightning_pref.toy.world: the first three are warm, the last three cool)
+PREFERRED_COLORS: dict[str, tuple[str, ...]] = {"warm": tuple(COLORS)[:3], "cool": tuple(COLORS)[3:]}
+
+
+def generate_toy_winners(
+    out_dir: str | Path,
+    num_samples: int,
+    prompts: Sequence[str] = TRAIN_PROMPTS,
+    preference: str = "warm",
+    seed: int = 0,
+    samples_per_shard: int = 512,
+) -> dict:
+    """Write ``num_samples`` real winners as unpaired shards (``label`` 1): for a prompt drawn uniformly from
+    ``prompts``, the rendered scene of the shape it names, in a colour drawn uniformly from the ``preference``'s
+    colours (the prompt's own colour if it names one), on its background (a random one if it names none).
+
+    Returns (and writes to ``out_dir/info.json``) the settings and the count.
+    """
+    if preference not in PREFERRED_COLORS:
+        raise ConfigError(f"preference={preference!r}: choose one of {sorted(PREFERRED_COLORS)}.")
+    if num_samples < 1:
+        raise ConfigError(f"num_samples={num_samples}: write at least one real winner.")
+    rng = np.random.default_rng([seed, 1])
+
+    def winners() -> Iterator[dict]:
+        for _ in range(num_samples):
+            prompt = prompts[rng.integers(len(prompts))]
+            named = parse_prompt(prompt)
+            palette = PREFERRED_COLORS[preference]
+            color = named["color"] or palette[rng.integers(len(palette))]
+            background = named["background"] or tuple(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+            image = render(named["shape"], color, background, rng)
+            yield {"image": image, "caption": prompt, "label": 1, "color": color, "background": background}
+
+    out_dir = Path(out_dir)
+    write_unpaired_shards(winners(), out_dir, samples_per_shard=samples_per_shard)
+    info = {
+        "settings": {"num_samples": num_samples, "prompts": list(prompts), "preference": preference, "seed": seed},
+        "counts": {"written": num_samples},
     }
     (out_dir / "info.json").write_text(json.dumps(info, indent=2))
     return info

@@ -2,8 +2,10 @@ import json
 import tarfile
 
 import pytest
+import torch
 
 from lightning_pref.datamodules import PreferenceDataModule
+from lightning_pref.errors import ConfigError
 from lightning_pref.toy.preferences import HELDOUT_PROMPTS, TRAIN_PROMPTS, ToyPreferenceReward, generate_toy_preferences
 
 
@@ -59,3 +61,32 @@ def test_bad_options_are_clear_errors(tiny_pixel, tmp_path):
         generate_toy_preferences(tmp_path, 4, pipeline=tiny_pixel, label_noise=0.7)
     with pytest.raises(ValueError, match="preference='hot'"):
         ToyPreferenceReward("hot")
+
+
+def real_winner_batch(directory, size):
+    from lightning_pref.datamodules import UnpairedDataModule
+
+    data = UnpairedDataModule(str(directory / "*.tar"), batch_size=size, num_workers=0, shuffle_buffer=0)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    order = sorted(range(size), key=lambda i: batch["key"][i])
+    return batch["pixels"][order], [batch["prompt"][i] for i in order], batch["label"][order]
+
+
+def test_real_winners_are_the_named_shape_in_a_preferred_colour(tmp_path):
+    from lightning_pref.rewards import ShapeAgreementReward, WarmthReward
+    from lightning_pref.toy.preferences import generate_toy_winners
+
+    info = generate_toy_winners(tmp_path / "real", 48, seed=3)
+    assert info["counts"] == {"written": 48}
+    pixels, prompts, labels = real_winner_batch(tmp_path / "real", 48)
+    images = (pixels + 1) / 2
+    assert set(prompts) <= set(TRAIN_PROMPTS) and labels.eq(1).all()
+    # the rewards that label the toy pairs rate every real winner warm and the right shape
+    assert WarmthReward().score(images, prompts).min() > 0.75
+    assert ShapeAgreementReward().score(images, prompts).mean() > 0.9
+    assert generate_toy_winners(tmp_path / "again", 48, seed=3) == info
+    again_pixels, again_prompts, _ = real_winner_batch(tmp_path / "again", 48)
+    assert again_prompts == prompts and torch.equal(again_pixels, pixels)
+    with pytest.raises(ConfigError, match="preference='hot'"):
+        generate_toy_winners(tmp_path / "bad", 4, preference="hot")
