@@ -67,30 +67,43 @@ class AdaptersDisabled(Reference):
     SNAPSHOT_ADAPTER = "reference"
 
     def __init__(self, denoiser: nn.Module, adapter_config: Any):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         self.denoiser = denoiser
         self.adapter_config = adapter_config
         self.has_snapshot = False
+        # The adapted layers, found once: switching them directly costs a quarter of the model-wide
+        # `disable_adapters()` / `enable_adapters()`, which walk every module (and check peft's version) each call.
+        self.adapter_layers = [module for module in denoiser.modules() if isinstance(module, BaseTunerLayer)]
 
     @contextlib.contextmanager
     def network(self, device: torch.device) -> Iterator[nn.Module]:
         if self.has_snapshot:
-            self.denoiser.set_adapter(self.SNAPSHOT_ADAPTER)
+            self.set_active_adapter(self.SNAPSHOT_ADAPTER)
             try:
                 yield self.denoiser
             finally:
-                self.denoiser.set_adapter("default")  # (peft re-enables training of the policy's adapter only)
+                self.set_active_adapter("default")  # (peft re-enables training of the policy's adapter only)
             return
-        self.denoiser.disable_adapters()
+        self.enable_adapters(False)
         try:
             yield self.denoiser
         finally:
-            self.denoiser.enable_adapters()
+            self.enable_adapters(True)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        for layer in self.adapter_layers:
+            layer.enable_adapters(enabled)
+
+    def set_active_adapter(self, name: str) -> None:
+        for layer in self.adapter_layers:
+            layer.set_adapter(name)
 
     def install(self, weights: dict[str, Tensor]) -> None:
         """``weights``: the policy's adapter tensors (names holding ``.default``), as a snapshot takes them."""
         if not self.has_snapshot:
             self.denoiser.add_adapter(copy.deepcopy(self.adapter_config), adapter_name=self.SNAPSHOT_ADAPTER)
-            self.denoiser.set_adapter("default")
+            self.set_active_adapter("default")
             self.has_snapshot = True
         snapshot_params = dict(self.denoiser.named_parameters())
         with torch.no_grad():

@@ -17,6 +17,7 @@ fix, with no traceback. The classes covered:
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -151,6 +152,23 @@ def test_a_nan_reaching_the_loss_never_touches_the_weights(sd_backbone, tmp_path
         assert trainer.callback_metrics["train/skipped_step"] == 1.0
     after = module.denoiser.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_nan_gradient_behind_a_finite_loss_never_touches_the_weights(sd_backbone, tmp_path, mode):
+    module = DiffusionDPO(sd_backbone, finetune="lora", nonfinite=mode)
+    name, poisoned = next((n, p) for n, p in module.named_parameters() if "lora_B" in n)
+    poisoned.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    trainer = make_trainer(tmp_path, 2)
+    batches = list(DataLoader(random_pairs(4), batch_size=2))
+    if mode == "stop":
+        with pytest.raises(TrainingError, match=rf"step 0: the gradient of {re.escape(name)} holds NaN/Inf"):
+            trainer.fit(module, DataLoader(batches, batch_size=None))
+    else:
+        trainer.fit(module, DataLoader(batches, batch_size=None))
+        assert trainer.global_step == 2 and trainer.callback_metrics["train/skipped_step"] == 1.0
+    assert all(torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad)
 
 
 # ----------------------------------------------------------------------------------------------- resuming
