@@ -32,3 +32,17 @@ class CheckpointError(UserError, ValueError):
 
 class TrainingError(UserError, RuntimeError):
     """A run that cannot go on: a NaN or infinite loss, gradient or weight (the message names step and term)."""
+
+
+def check_whole_numbers(least: int = 1, **values: object) -> None:
+    """Raise a ``ConfigError`` naming the first of ``values`` that is not a whole number of at least ``least``
+    (a ``bool`` is not a number here).
+
+    Example:
+        >>> check_whole_numbers(steps=3, batch_size=0)
+        Traceback (most recent call last):
+        lightning_pref.errors.ConfigError: batch_size=0: use a whole number >= 1.
+    """
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(f"{name}={value!r}: use a whole number >= {least}.")

@@ -8,10 +8,10 @@ wraps it for a module: from the policy or from the reference (whatever is instal
 replayed snapshot, a previous iterate), in eval mode, restoring the train mode and the adapters afterwards.
 
 It makes SPIN-Diffusion's losers, SSPO's reference samples, online DPO's candidates, the sample grids and the
-toy evaluation's samples.
+toy evaluation's samples:
 
-    >>> images = module.generate(["a red circle"], seeds=[0], num_inference_steps=10)   # (1, 3, H, W) in [0, 1]
-    >>> latents = module.generate(prompts, seeds, source="reference", decode=False)   # the reference's latents
+    images = module.generate(["a red circle"], seeds=[0], num_inference_steps=10)  # (1, 3, H, W) in [0, 1]
+    latents = module.generate(prompts, seeds, source="reference", decode=False)  # the reference's latents
 """
 
 from __future__ import annotations

@@ -66,6 +66,11 @@ class PairRandomness:
     def __len__(self) -> int:
         return len(self.generators)
 
+    def rows(self, rows: Sequence[int]) -> PairRandomness:
+        """The streams of ``rows`` only (indices into this step's batch): a pair made from row ``i`` keeps row
+        ``i``'s stream (a pair source that drops near-ties, say)."""
+        return PairRandomness([self.generators[row] for row in rows], [self.pairs[row] for row in rows], self.total)
+
     def uniform(self) -> Tensor:
         """One ``U[0, 1)`` draw per pair, ``(B,)``."""
         return torch.cat([torch.rand(1, generator=g) for g in self.generators])

@@ -52,7 +52,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lightning_pref.datamodules.media import FrameSampling, Geometry, MediaDecoder, SkipSample
-from lightning_pref.errors import ConfigError, DataError, MissingFileError, UserError
+from lightning_pref.errors import ConfigError, DataError, MissingFileError, UserError, check_whole_numbers
 
 log = logging.getLogger(__name__)
 
@@ -559,16 +559,11 @@ class ShardDataModule(pl.LightningDataModule):
         max_consecutive_skips: int = 1000,
     ):
         super().__init__()
-        for name, value, least in (
-            ("batch_size", batch_size, 1),
-            ("num_workers", num_workers, 0),
-            ("shuffle_buffer", shuffle_buffer, 0),
-            ("batches_per_epoch", batches_per_epoch, 1),
-            ("user_buffer", user_buffer, 1),
-            ("max_consecutive_skips", max_consecutive_skips, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ConfigError(f"{name}={value!r}: use a whole number >= {least}.")
+        check_whole_numbers(batch_size=batch_size)
+        check_whole_numbers(least=0, num_workers=num_workers, shuffle_buffer=shuffle_buffer)
+        check_whole_numbers(
+            batches_per_epoch=batches_per_epoch, user_buffer=user_buffer, max_consecutive_skips=max_consecutive_skips
+        )
         sides = (resolution,) if isinstance(resolution, int) else tuple(resolution or ())
         if any(isinstance(side, bool) or not isinstance(side, int) or side < 1 for side in sides) or len(sides) > 2:
             raise ConfigError(f"resolution={resolution!r}: use one positive side, [height, width], or null.")

@@ -18,6 +18,7 @@ with ``losses/dmpo.py``, tested in ``tests/losses/test_dmpo.py``):
 | [`see_dpo`][lightning_pref.losses.see_dpo] | SEE-DPO's entropy regulariser (the base module's ``entropy_gamma``, for any pairwise loss) |
 | [`kto`][lightning_pref.losses.kto] | Diffusion-KTO (unpaired) |
 | [`mapo`][lightning_pref.losses.mapo] | MaPO (reference-free) |
+| [`sspo`][lightning_pref.losses.sspo] | SSPO's Self-Sampling Regularization |
 | [`safeguard`][lightning_pref.losses.safeguard] | the loser-gradient safeguard (the base module's ``loser_safeguard``) |
 
 Options are checked once, by the ``check_*`` function next to each loss, which the method's constructor calls;
@@ -54,8 +55,13 @@ from lightning_pref.losses.safeguard import (
 )
 from lightning_pref.losses.sdpo import sdpo_loss
 from lightning_pref.losses.see_dpo import check_entropy_gamma, entropy_regularized_reference
+from lightning_pref.losses.sspo import SftBranch, SwitchMode, check_sspo_options, sspo_loss
 
 __all__ = [
+    "SftBranch",
+    "SwitchMode",
+    "check_sspo_options",
+    "sspo_loss",
     "ImportanceWeightPlacement",
     "PreferenceLossKind",
     "SafeguardScope",

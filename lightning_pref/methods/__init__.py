@@ -8,8 +8,11 @@ from lightning_pref.methods.dpo_clip_mask import DPOClipMask
 from lightning_pref.methods.importance import ImportanceWeightedModule
 from lightning_pref.methods.kto import DiffusionKTO
 from lightning_pref.methods.mapo import MaPO
+from lightning_pref.methods.online_dpo import OnlineDPO
 from lightning_pref.methods.sdpo import SDPO, SIPO
 from lightning_pref.methods.see_dpo import SEEDPO
+from lightning_pref.methods.spin import SPINDiffusion
+from lightning_pref.methods.sspo import SSPO
 from lightning_pref.methods.step import NoisySamples, SampleErrors, Samples
 from lightning_pref.seeding import PairRandomness
 
@@ -21,11 +24,14 @@ __all__ = [
     "ImportanceWeightedModule",
     "MaPO",
     "NoisySamples",
+    "OnlineDPO",
     "PairRandomness",
     "PreferenceDiffusionModule",
     "SDPO",
     "SEEDPO",
     "SIPO",
+    "SPINDiffusion",
+    "SSPO",
     "SampleErrors",
     "Samples",
 ]

@@ -288,7 +288,7 @@ class PreferenceDiffusionModule(pl.LightningModule):
 
     def preference_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> Tensor:
         random = self.step_randomness(batch, batch_idx, stage)
-        batch = self.make_pairs(batch, random)
+        batch, random = self.make_pairs(batch, random)
         samples = self.prepare_samples(batch, random)
         noisy = self.noise_samples(samples, random)
         errors = self.sample_errors(noisy, samples.conditioning, batch)
@@ -315,10 +315,11 @@ class PreferenceDiffusionModule(pl.LightningModule):
             stream, range(first, first + num_pairs), total=num_pairs * self.trainer.world_size
         )
 
-    def make_pairs(self, batch: dict[str, Any], random: PairRandomness) -> dict[str, Any]:
-        """The batch the step trains on: with a ``pair_source``, the pairs it makes from ``batch``
-        ([`PairSource.pairs`][lightning_pref.pair_sources.PairSource.pairs]); otherwise ``batch`` itself."""
-        return batch if self.pair_source is None else self.pair_source.pairs(self, batch, random)
+    def make_pairs(self, batch: dict[str, Any], random: PairRandomness) -> tuple[dict[str, Any], PairRandomness]:
+        """The batch the step trains on and its rows' streams: with a ``pair_source``, the pairs it makes from
+        ``batch`` ([`PairSource.pairs`][lightning_pref.pair_sources.PairSource.pairs]); otherwise ``batch``
+        itself (offline pairs)."""
+        return (batch, random) if self.pair_source is None else self.pair_source.pairs(self, batch, random)
 
     def prepare_samples(self, batch: dict[str, Any], random: PairRandomness) -> Samples:
         """The step's clean samples: a pair batch's ``[winners; losers]`` (``prepare_pairs``), or, for a
@@ -536,11 +537,25 @@ class PreferenceDiffusionModule(pl.LightningModule):
         self.log("train/skipped_step", 1.0, on_step=True, on_epoch=False)
 
     # --------------------------------------------------------------------------------------- logging
+    def logs_this_step(self) -> bool:
+        """Whether the logger writes this training step's values: every ``trainer.log_every_n_steps`` optimizer
+        steps (Lightning's own rule). The loss is logged at every step (the progress bar); the other per-step
+        metrics only then, since each value logged costs Lightning about half a millisecond, which on a small
+        model is several percent of the step."""
+        trainer = self._trainer
+        if trainer is None:  # outside a fit (a step called by hand): nothing is logged
+            return False
+        every = trainer.log_every_n_steps
+        return bool(trainer.fast_dev_run) or (bool(every) and (self.global_step + 1) % every == 0)
+
     def log_metrics(self, stage: str, loss: Tensor, metrics: dict[str, Tensor], batch_size: int) -> None:
+        """The loss, and (validation, or a training step the logger writes: ``logs_this_step``) the metrics."""
         on_step = stage == "train"
         self.log(
             f"{stage}/loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size
         )
+        if on_step and not self.logs_this_step():
+            return
         self.log_dict(
             {f"{stage}/{name}": value for name, value in metrics.items()},
             prog_bar=False,

@@ -7,9 +7,11 @@ import torch
 
 
 def trainer(tmp_path, steps, **kwargs) -> pl.Trainer:
-    """A CPU trainer for ``steps`` optimizer steps: no logger, checkpoints, progress bar or summary unless asked."""
+    """A CPU trainer for ``steps`` optimizer steps: no logger, checkpoints, progress bar or summary unless asked;
+    every step's metrics logged (``callback_metrics`` holds the last step's)."""
     options = dict(
         max_steps=steps,
+        log_every_n_steps=1,
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,

@@ -18,8 +18,11 @@ from lightning_pref.methods.base import PreferenceDiffusionModule
 
 PROMPTS = ["a red cat", "a blue dog", "a green circle", "a square"]
 
-#: Every preference method of the library: the modules ``lightning_pref.methods`` exports that define a loss
-#: (a set: ``SIPO`` is ``SDPO``).
+#: The methods that make their own pairs while training, from other data (real winners, prompts): not run on
+#: the video backbones' pair batches here.
+MAKE_THEIR_PAIRS = (methods.SSPO, methods.SPINDiffusion, methods.OnlineDPO)
+#: Every preference method of the library that trains on pair batches: the modules ``lightning_pref.methods``
+#: exports that define a loss (a set: ``SIPO`` is ``SDPO``).
 METHODS = sorted(
     {
         method
@@ -27,6 +30,7 @@ METHODS = sorted(
         if isinstance(method, type)
         and issubclass(method, PreferenceDiffusionModule)
         and method.compute_loss is not PreferenceDiffusionModule.compute_loss
+        and method not in MAKE_THEIR_PAIRS
     },
     key=lambda method: method.__name__,
 )

@@ -245,3 +245,17 @@ def test_gradient_checkpointing_follows_the_backbone_unless_set(sd_backbone, tmp
         CogVideoXBackbone(str(tmp_path / "cog")), gradient_checkpointing=False
     ).denoiser.gradient_checkpointing
     assert not any(getattr(m, "gradient_checkpointing", False) for m in DiffusionDPO(sd_backbone).denoiser.modules())
+
+
+def test_the_loss_is_logged_every_step_and_the_other_metrics_on_the_steps_the_logger_writes(sd_backbone, tmp_path):
+    class RecordingDPO(DiffusionDPO):
+        def log(self, name, value, *args, **kwargs):
+            self.logged.append((self.global_step, name))
+            super().log(name, value, *args, **kwargs)
+
+    module = RecordingDPO(sd_backbone)
+    module.logged = []
+    trainer(tmp_path, 6, log_every_n_steps=3).fit(module, pair_loader(num_pairs=12, batch_size=2))
+    assert [step for step, name in module.logged if name == "train/loss"] == list(range(6))
+    # Lightning writes after optimizer steps 3 and 6 (global_step 2 and 5 while they train)
+    assert sorted({step for step, name in module.logged if name == "train/implicit_acc"}) == [2, 5]
