@@ -5,9 +5,14 @@ Prints, measured side by side in one run:
 1. the median training-step time of ``DiffusionDPO`` under ``Trainer.fit`` over a minimal hand-written
    PyTorch loop doing the same math (encode, shared noising, policy and reference forwards, loss, backward,
    AdamW step) on the same small UNet and the same batches (goal: at most 1.05), and over a hand-written
-   *supervised* step on the same stacked ``2B`` samples (one forward and backward, no reference): the
-   preference step adds one no-grad forward, about a third of a forward-backward, so its limit is about
-   4/3 (goal: at most 1.45);
+   *supervised* step on the same stacked ``2B`` samples (one forward and backward, no reference; goal: at
+   most 1.45), for a LoRA and for a full fine-tune. The preference step adds one no-grad forward. A full
+   fine-tune's backward costs about two forwards (activation and weight gradients), so the added forward is
+   about a third of a forward-backward and the limit about 4/3; a LoRA backward skips the frozen weights'
+   gradients and costs about one forward, so there the limit is about 3/2. The steps are paired: after each
+   Lightning step, one hand-written DPO step and one supervised step run on the same batch, so all three see
+   the same machine load (on a shared 2-core machine separate runs' medians wander by 10% or more); each ratio
+   is the mean of per-step ratios with its 95% interval;
 2. the peak memory of a training run whose reference is the LoRA network with adapters disabled over the
    same run with a frozen copy of the base denoiser as reference (goal: at most 0.6). Each configuration
    runs in its own process; the figure is the process's peak resident memory during training above its
@@ -20,6 +25,7 @@ Prints, measured side by side in one run:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -31,6 +37,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from intervals import t_interval
 
 from lightning_pref.backbones import StableDiffusionBackbone
 from lightning_pref.methods import DiffusionDPO
@@ -52,20 +59,88 @@ def make_batches(steps: int, size: int) -> list[dict]:
     ]
 
 
-class StepTimer(pl.Callback):
-    def __init__(self):
-        self.times: list[float] = []
+class HandLoop:
+    """The same math without Lightning or the module: the reference a careful hand-written script would be.
+
+    ``objective="dpo"``: Diffusion-DPO (policy forward with grad, reference forward without, on the stacked
+    ``[winners; losers]``); ``"supervised"``: the plain denoising loss on the same stacked samples (one forward
+    with grad), the floor any preference step is measured against. The LoRA reference switches the adapted
+    layers off and on directly (diffusers' model-wide ``disable_adapters()`` walks every module, several ms
+    more per step here); the full fine-tune's reference is a frozen copy of the base UNet.
+    """
+
+    def __init__(self, pipeline: Path, objective: str, finetune: str):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        set_up = DiffusionDPO(StableDiffusionBackbone(str(pipeline)), beta=5000, finetune=finetune, lr=1e-4)
+        self.backbone, self.unet = set_up.backbone, set_up.denoiser  # identical set-up (LoRA or all trainable)
+        self.objective = objective
+        self.adapted = [module for module in self.unet.modules() if isinstance(module, BaseTunerLayer)]
+        self.frozen = copy.deepcopy(self.unet).requires_grad_(False) if finetune == "full" else None
+        self.alphas = self.backbone.process.alphas_cumprod.float()
+        trained = [p for p in self.unet.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trained, lr=1e-4, weight_decay=1e-2)
+
+    def step(self, batch: dict, step: int) -> float:
+        """One training step on ``batch``; returns its wall time in seconds."""
+        start = time.perf_counter()
+        backbone, unet = self.backbone, self.unet
+        generator = torch.Generator().manual_seed(step)
+        with torch.no_grad():
+            pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])
+            latents = backbone.vae.encode(pixels).latent_dist.sample(generator) * backbone.vae.config.scaling_factor
+            hidden = backbone.text_encoder(backbone.tokenize(backbone.tokenizer, batch["prompt"]))[0].repeat(2, 1, 1)
+        t = torch.randint(0, 1000, (BATCH,), generator=generator).repeat(2)
+        noise = torch.randn(latents[:BATCH].shape, generator=generator).repeat(2, 1, 1, 1)
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
+        policy = unet(x_t, t, encoder_hidden_states=hidden).sample
+        policy_err = (policy.float() - noise).pow(2).mean(dim=(1, 2, 3))
+        if self.objective == "supervised":
+            loss = policy_err.mean()
+        else:
+            with torch.no_grad():
+                if self.frozen is not None:
+                    reference = self.frozen(x_t, t, encoder_hidden_states=hidden).sample
+                else:
+                    for layer in self.adapted:
+                        layer.enable_adapters(False)
+                    reference = unet(x_t, t, encoder_hidden_states=hidden).sample
+                    for layer in self.adapted:
+                        layer.enable_adapters(True)
+            ref_err = (reference.float() - noise).pow(2).mean(dim=(1, 2, 3))
+            pw, pl_ = policy_err.chunk(2)
+            rw, rl = ref_err.chunk(2)
+            loss = -F.logsigmoid(-0.5 * 5000 * ((pw - pl_) - (rw - rl))).mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return time.perf_counter() - start
+
+
+class PairedTimer(pl.Callback):
+    """Times each Lightning step and, right after it, one step of each hand-written loop on the same batch (in
+    alternating order), so every Lightning step is compared with hand steps run under the same machine load."""
+
+    def __init__(self, loops: dict[str, HandLoop]):
+        self.loops = loops
+        self.times: dict[str, list[float]] = {"lightning": [], **{name: [] for name in loops}}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self.start)
+        self.times["lightning"].append(time.perf_counter() - self.start)
+        names = list(self.loops) if batch_idx % 2 == 0 else list(reversed(self.loops))
+        for name in names:
+            self.times[name].append(self.loops[name].step(batch, batch_idx))
 
 
-def lightning_step_times(pipeline: Path, batches: list[dict]) -> list[float]:
-    module = DiffusionDPO(StableDiffusionBackbone(str(pipeline)), beta=5000, finetune="lora", lr=1e-4)
-    timer = StepTimer()
+def paired_step_times(pipeline: Path, batches: list[dict], finetune: str) -> dict[str, list[float]]:
+    """Step times of ``DiffusionDPO`` under ``Trainer.fit`` and of the hand-written DPO and supervised loops,
+    step by step on the same batches."""
+    timer = PairedTimer({objective: HandLoop(pipeline, objective, finetune) for objective in ("dpo", "supervised")})
+    module = DiffusionDPO(StableDiffusionBackbone(str(pipeline)), beta=5000, finetune=finetune, lr=1e-4)
     trainer = pl.Trainer(
         max_steps=len(batches),
         accelerator="cpu",
@@ -79,51 +154,6 @@ def lightning_step_times(pipeline: Path, batches: list[dict]) -> list[float]:
     return timer.times
 
 
-def plain_step_times(pipeline: Path, batches: list[dict], objective: str = "dpo") -> list[float]:
-    """The same math without Lightning or the module: the reference a hand-written script would be.
-
-    ``objective="dpo"``: Diffusion-DPO (policy forward with grad, reference forward without, on the stacked
-    ``[winners; losers]``); ``"supervised"``: the plain denoising loss on the same stacked samples (one forward
-    with grad), the floor any preference step is measured against.
-    """
-    reference_module = DiffusionDPO(StableDiffusionBackbone(str(pipeline)), beta=5000, finetune="lora", lr=1e-4)
-    backbone, unet = reference_module.backbone, reference_module.denoiser  # identical set-up (LoRA, frozen parts)
-    alphas = backbone.process.alphas_cumprod.float()
-    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-2)
-    times = []
-    for step, batch in enumerate(batches):
-        start = time.perf_counter()
-        generator = torch.Generator().manual_seed(step)
-        with torch.no_grad():
-            latents = backbone.vae.encode(torch.cat([batch["pixels_w"], batch["pixels_l"]])).latent_dist.sample(
-                generator
-            )
-            latents = latents * backbone.vae.config.scaling_factor
-            hidden = backbone.text_encoder(backbone.tokenize(backbone.tokenizer, batch["prompt"]))[0].repeat(2, 1, 1)
-        t = torch.randint(0, 1000, (BATCH,), generator=generator).repeat(2)
-        noise = torch.randn(latents[:BATCH].shape, generator=generator).repeat(2, 1, 1, 1)
-        a = alphas[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * latents + (1 - a).sqrt() * noise
-        policy = unet(x_t, t, encoder_hidden_states=hidden).sample
-        policy_err = (policy.float() - noise).pow(2).mean(dim=(1, 2, 3))
-        if objective == "supervised":
-            loss = policy_err.mean()
-        else:
-            with torch.no_grad():
-                unet.disable_adapters()
-                reference = unet(x_t, t, encoder_hidden_states=hidden).sample
-                unet.enable_adapters()
-            ref_err = (reference.float() - noise).pow(2).mean(dim=(1, 2, 3))
-            pw, pl_ = policy_err.chunk(2)
-            rw, rl = ref_err.chunk(2)
-            loss = -F.logsigmoid(-0.5 * 5000 * ((pw - pl_) - (rw - rl))).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 class FrozenCopyReferenceDPO(DiffusionDPO):
     """The same LoRA policy, but with a frozen deep copy of the base denoiser (adapters off) as the reference."""
 
@@ -132,6 +162,12 @@ class FrozenCopyReferenceDPO(DiffusionDPO):
         self.denoiser.disable_adapters()
         self.reference = FrozenCopy(self.denoiser)
         self.denoiser.enable_adapters()
+
+
+def interval(ratios: list[float]) -> str:
+    """``mean [low, high]``: the mean of per-step ratios and its two-sided 95% t-interval."""
+    mean, low, high = t_interval(ratios)
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def memory_mb(field: str) -> float:
@@ -176,8 +212,8 @@ def measure_peak(pipeline: Path, reference: str, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each timing")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per repeat (the first 5 dropped)")
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of each paired timing")
     parser.add_argument("--width", type=int, default=32, help="UNet base width for the timing (32: the tiny UNet)")
     parser.add_argument(
         "--memory-widths", type=int, nargs="+", default=[128, 256], help="UNet base widths for the memory comparison"
@@ -193,13 +229,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         timing_model = write_tiny_sd_pipeline(Path(tmp) / "timing", block_out_channels=(args.width, 2 * args.width))
         batches = make_batches(args.steps, 16)
-        lightning_times, plain_times, supervised_times = [], [], []
-        for _ in range(args.repeats):  # interleave, so drift in machine load hits all alike
-            lightning_times += lightning_step_times(timing_model, batches)[5:]
-            plain_times += plain_step_times(timing_model, batches)[5:]
-            supervised_times += plain_step_times(timing_model, batches, objective="supervised")[5:]
-        lightning_median, plain_median = statistics.median(lightning_times), statistics.median(plain_times)
-        supervised_median = statistics.median(supervised_times)
+        ratios = {}
+        for finetune in ("lora", "full"):
+            times = {"lightning": [], "dpo": [], "supervised": []}
+            for _ in range(args.repeats):
+                for name, values in paired_step_times(timing_model, batches, finetune).items():
+                    times[name] += values[5:]  # the first steps warm up allocators and caches
+            ratios[finetune] = {
+                "hand": [ours / theirs for ours, theirs in zip(times["lightning"], times["dpo"])],
+                "supervised": [ours / theirs for ours, theirs in zip(times["lightning"], times["supervised"])],
+                "lightning_ms": 1000 * statistics.median(times["lightning"]),
+            }
 
         memory_rows = []
         for width in args.memory_widths:
@@ -209,14 +249,18 @@ def main() -> None:
             lora, frozen = measure_peak(model, "adapters_disabled", 6), measure_peak(model, "frozen_copy", 6)
             memory_rows.append((width, lora["denoiser_mb"], lora["peak_mb"], frozen["peak_mb"]))
 
-    print(f"step time, Lightning DiffusionDPO:   {1000 * lightning_median:7.2f} ms (median of {len(lightning_times)})")
-    print(f"step time, hand-written loop:       {1000 * plain_median:7.2f} ms (median of {len(plain_times)})")
-    print(f"step time, hand-written supervised: {1000 * supervised_median:7.2f} ms (fwd+bwd on the same 2B samples)")
-    print(f"ratio Lightning / plain:             {lightning_median / plain_median:.3f}   (goal <= 1.05)")
     print(
-        f"ratio Lightning DPO / supervised:    {lightning_median / supervised_median:.3f}   (goal <= 1.45; one extra no-grad "
-        "forward: about 4/3)"
+        f"Each ratio: a Lightning step over the hand-written steps run right after it on the same batch; the mean over "
+        f"{args.repeats} x {args.steps - 5} steps with its 95% t-interval."
     )
+    for finetune, measured in ratios.items():
+        limit = "4/3" if finetune == "full" else "3/2"
+        print(f"{finetune} fine-tune (Lightning DiffusionDPO step: median {measured['lightning_ms']:.1f} ms):")
+        print(f"  ratio Lightning / hand-written loop: {interval(measured['hand'])}   (goal <= 1.05)")
+        print(
+            f"  ratio Lightning DPO / supervised:    {interval(measured['supervised'])}   (goal <= 1.45; one extra "
+            f"no-grad forward: about {limit})"
+        )
     print()
     print(
         "UNet width | denoiser weights | peak, adapters-off reference | peak, frozen-copy reference | ratio (goal <= 0.6)"

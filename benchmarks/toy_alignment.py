@@ -1,8 +1,10 @@
 """Does a method align a model, and does it beat Diffusion-DPO? Fine-tune the toy base model and measure.
 
 For each training seed the method trains through the same CLI and config a user would run
-(``examples/toy/<method>.yaml``) on toy preference data sampled from the base model and labelled by
-``ToyPreferenceReward`` (warm colours, right shape). Then (:mod:`lightning_pref.toy.evaluation`):
+(``examples/toy/<method>.yaml``) on the data its DataModule reads: toy preference pairs sampled from the base
+model and labelled by ``ToyPreferenceReward`` (warm colours, right shape), or, for the methods that pair a
+real image with a generated one (SSPO, SPIN-Diffusion), real winners rendered in the preferred colours
+(``lightning-pref data toy --real``). Then (:mod:`lightning_pref.toy.evaluation`):
 
 * base and tuned model sample the held-out prompts from identical initial noise: the win rate of tuned over
   base, the mean reward and its two parts (warmth, shape agreement);
@@ -10,7 +12,9 @@ For each training seed the method trains through the same CLI and config a user 
   winners' error rose by more than 25% is flagged as collapsed.
 
 Each row: the mean over training seeds with a 95% t-interval, and the paired difference from Diffusion-DPO's
-win rate on the same seeds with its own 95% t-interval. Seeds train in parallel, one thread each (``--jobs``).
+win rate on the same seeds with its own 95% t-interval. Every seed trains at once, in its own process with one
+thread (``--jobs``): five single-thread processes share two cores better than rounds of two, since a second
+thread speeds one seed up only about 1.4 times.
 Every summary records the commit and a hash of the library's code, the benchmark and the method's config;
 the table refuses to mix rows whose code differs.
 
@@ -26,7 +30,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -34,12 +37,12 @@ import sys
 import time
 from pathlib import Path
 
+from intervals import t_interval
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "examples" / "toy"
 BASELINE = "diffusion_dpo"
 TABLE_START, TABLE_END = "<!-- toy-alignment:start -->", "<!-- toy-alignment:end -->"
-# Two-sided 95% Student t quantiles by degrees of freedom.
-T_QUANTILE = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def methods() -> list[str]:
@@ -47,10 +50,11 @@ def methods() -> list[str]:
 
 
 def code_hash() -> str:
-    """SHA-256 (first 12 hex digits) of the library's sources and weights and of this script."""
+    """SHA-256 (first 12 hex digits) of the library's sources and weights and of this script and its statistics."""
     files = sorted(p for p in (REPO / "lightning_pref").rglob("*") if p.suffix in (".py", ".json", ".safetensors"))
     digest = hashlib.sha256()
-    for path in [*files, Path(__file__).resolve()]:
+    script = Path(__file__).resolve()
+    for path in [*files, script, script.with_name("intervals.py")]:
         digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -72,15 +76,6 @@ def commit() -> str:
     return head + ("+uncommitted" if dirty else "")
 
 
-def interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and the bounds of its two-sided 95% t-interval (NaN bounds for fewer than two values)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    half = T_QUANTILE.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
-
-
 # ------------------------------------------------------------------------------------------ shared inputs
 def shared_inputs(args: argparse.Namespace) -> dict[str, Path]:
     """Training pairs, held-out pairs and the base model's held-out samples: made once, reused by every run."""
@@ -88,16 +83,25 @@ def shared_inputs(args: argparse.Namespace) -> dict[str, Path]:
     from safetensors.torch import save_file
 
     from lightning_pref.toy.evaluation import heldout_samples
-    from lightning_pref.toy.preferences import HELDOUT_PROMPTS, generate_toy_preferences, sample_images
+    from lightning_pref.toy.preferences import (
+        HELDOUT_PROMPTS,
+        generate_toy_preferences,
+        generate_toy_winners,
+        sample_images,
+    )
 
     paths = {
         "train": args.out / f"data-{args.pairs}",
+        "real": args.out / f"real-{args.pairs}",
         "heldout": args.out / f"heldout-{args.heldout_pairs}",
         "base_samples": args.out / f"base-samples-{args.eval_seeds}.safetensors",
     }
     if not (paths["train"] / "info.json").exists():
         info = generate_toy_preferences(paths["train"], args.pairs, pipeline=args.pretrained, seed=0, progress=True)
         print(f"training pairs: {info['counts']}", flush=True)
+    if not (paths["real"] / "info.json").exists():
+        info = generate_toy_winners(paths["real"], args.pairs, seed=0)
+        print(f"real winners: {info['counts']}", flush=True)
     if not (paths["heldout"] / "info.json").exists():
         info = generate_toy_preferences(
             paths["heldout"],
@@ -120,6 +124,18 @@ def shared_inputs(args: argparse.Namespace) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------ one seed (worker)
+def training_data(config: Path, paths: dict[str, Path]) -> list[str]:
+    """What a method's config trains on: real winners for an ``UnpairedDataModule`` or a ``SelfPlayDataModule``,
+    nothing for a ``PromptDataModule`` (online pairs from the prompts its config lists), else the toy pairs."""
+    import yaml
+
+    data_class = yaml.safe_load(config.read_text())["data"]["class_path"].rsplit(".", 1)[-1]
+    if data_class == "PromptDataModule":
+        return []
+    shards = paths["real"] if data_class in ("UnpairedDataModule", "SelfPlayDataModule") else paths["train"]
+    return ["--data.init_args.train_shards", f"{shards}/*.tar"]
+
+
 def train_and_evaluate(args: argparse.Namespace, seed: int) -> dict:
     """Train one seed through the CLI and evaluate it (runs in a worker process)."""
     import torch
@@ -141,8 +157,7 @@ def train_and_evaluate(args: argparse.Namespace, seed: int) -> dict:
         str(seed),
         "--data.init_args.seed",
         str(seed),
-        "--data.init_args.train_shards",
-        f"{paths['train']}/*.tar",
+        *training_data(CONFIGS / f"{args.method}.yaml", paths),
         "--trainer.default_root_dir",
         str(run_dir),
         "--trainer.logger",
@@ -205,11 +220,10 @@ def run_method(args: argparse.Namespace) -> dict:
     row_dir = args.out / args.name
     row_dir.mkdir(parents=True, exist_ok=True)
     runs = []
-    for first in range(0, len(args.seeds), args.jobs):  # rounds of `jobs` seeds; a smaller last round gets every core
-        group = args.seeds[first : first + args.jobs]
-        threads = str(args.jobs // len(group))
+    threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    for first in range(0, len(args.seeds), args.jobs):  # rounds of `jobs` seeds (by default one round of all)
         launched = []
-        for seed in group:
+        for seed in args.seeds[first : first + args.jobs]:
             log = (row_dir / f"seed{seed}.log").open("w")
             process = subprocess.Popen(
                 worker_command(args, seed),
@@ -256,7 +270,7 @@ def run_method(args: argparse.Namespace) -> dict:
 def row_statistics(summary: dict, baseline: dict | None) -> dict:
     runs = summary["runs"]
     stats = {key: statistics.fmean(run[key] for run in runs) for key in runs[0] if key not in ("seed", "collapsed")}
-    stats["win_rate_ci"] = interval([run["win_rate"] for run in runs])
+    stats["win_rate_ci"] = t_interval([run["win_rate"] for run in runs])
     stats["collapsed"] = sum(run["collapsed"] for run in runs)
     stats["seeds"] = len(runs)
     stats["vs_baseline"] = None
@@ -264,7 +278,7 @@ def row_statistics(summary: dict, baseline: dict | None) -> dict:
         theirs = {run["seed"]: run["win_rate"] for run in baseline["runs"]}
         shared = [run for run in runs if run["seed"] in theirs]
         if len(shared) >= 2:
-            stats["vs_baseline"] = interval([run["win_rate"] - theirs[run["seed"]] for run in shared])
+            stats["vs_baseline"] = t_interval([run["win_rate"] - theirs[run["seed"]] for run in shared])
     return stats
 
 
@@ -322,7 +336,10 @@ def main() -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="training seeds")
     parser.add_argument(
-        "--jobs", type=int, default=2, help="seeds trained at once, one core each (the machine's cores)"
+        "--jobs",
+        type=int,
+        default=None,
+        help="seeds trained at once, sharing the cores (default: every seed, one thread each)",
     )
     parser.add_argument("--eval-seeds", type=int, default=64, help="initial-noise seeds per held-out prompt")
     parser.add_argument("--pairs", type=int, default=1024, help="candidate pairs of toy preference data")
@@ -346,6 +363,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out.resolve()
     args.name = args.name or args.method
+    args.jobs = args.jobs or len(args.seeds)
     if args.set and args.name == args.method:
         parser.error("--set changes the method's config: give the pilot its own --name")
     if args.worker_seed is not None:
