@@ -73,3 +73,15 @@ class LrRecordingDPO(DiffusionDPO):
 
     def on_train_batch_start(self, batch, batch_idx):
         type(self).seen = {"lr": self.trainer.optimizers[0].param_groups[0]["lr"], "beta": self.beta}
+
+
+def printed_config(name, capsys):
+    """``examples/<name>`` as the CLI resolves it (``fit --print_config``: no model is built, nothing loaded)."""
+    import pytest
+
+    from lightning_pref.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", str(REPO / "examples" / name), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)

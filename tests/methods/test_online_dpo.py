@@ -4,11 +4,9 @@ method trains on online pairs; the example configs."""
 import lightning.pytorch as pl
 import pytest
 import torch
-import yaml
-from helpers.processes import REPO
+from helpers.cli import printed_config
 from helpers.training import trainer
 
-from lightning_pref.cli import main as cli_main
 from lightning_pref.datamodules.prompts import PromptDataModule
 from lightning_pref.errors import ConfigError
 from lightning_pref.methods import DMPO
@@ -85,13 +83,6 @@ def test_any_pairwise_method_trains_on_online_pairs_and_near_ties_drop_in_the_fi
 
 
 # ----------------------------------------------------------------------------------------------- configs
-def printed_config(name, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", "--config", str(REPO / "examples" / name), "--print_config"])
-    assert exit_info.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
-
-
 def test_the_toy_config_trains_on_the_toy_worlds_training_prompts(capsys):
     printed = printed_config("toy/online_dpo.yaml", capsys)
     assert printed["data"]["init_args"]["prompts"] == list(TRAIN_PROMPTS)

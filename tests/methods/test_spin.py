@@ -7,6 +7,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers.cli import printed_config
 from helpers.shards import read_samples
 from helpers.training import trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -310,3 +311,17 @@ def test_two_processes_share_the_reference_and_a_failing_rank_stops_both(tiny_sd
         "rank000",
         "rank001",
     }  # each rank generated its own share
+
+
+def test_the_example_configs_parse_with_the_toy_recipe(capsys):
+    toy = printed_config("toy/spin_diffusion.yaml", capsys)
+    model = toy["model"]["init_args"]
+    assert (
+        toy["model"]["class_path"] == "lightning_pref.methods.spin.SPINDiffusion"
+        and toy["data"]["class_path"] == "lightning_pref.datamodules.self_play.SelfPlayDataModule"
+    )
+    assert (model["finetune"], model["lr"], model["beta"], model["warmup_steps"]) == ("full", 2e-5, 5000, 20)
+    assert toy["trainer"]["max_steps"] == 140 and toy["data"]["init_args"]["batch_size"] == 16
+    sd15 = printed_config("sd15_spin_diffusion.yaml", capsys)
+    assert sd15["model"]["class_path"].endswith(".SPINDiffusion")
+    assert sd15["model"]["init_args"]["backbone"]["class_path"].endswith("StableDiffusionBackbone")

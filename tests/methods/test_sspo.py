@@ -4,6 +4,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers.cli import printed_config
 from helpers.training import perturb_lora, trainer
 
 from lightning_pref.backbones import StableDiffusionBackbone
@@ -107,3 +108,17 @@ def test_bad_options_and_batches_are_refused(sd_backbone):
         module.make_pairs(pair_batch, random)
     with pytest.raises(DataError, match="'prompt'"):
         module.make_pairs({"pixels": torch.zeros(2, 3, 16, 16)}, random)
+
+
+def test_the_example_configs_parse_with_the_toy_recipe(capsys):
+    toy = printed_config("toy/sspo.yaml", capsys)
+    model = toy["model"]["init_args"]
+    assert (
+        toy["model"]["class_path"] == "lightning_pref.methods.sspo.SSPO"
+        and toy["data"]["class_path"] == "lightning_pref.datamodules.UnpairedDataModule"
+    )
+    assert (model["finetune"], model["lr"], model["beta"], model["warmup_steps"]) == ("full", 2e-5, 5000, 20)
+    assert toy["trainer"]["max_steps"] == 140 and toy["data"]["init_args"]["batch_size"] == 16
+    sd15 = printed_config("sd15_sspo.yaml", capsys)
+    assert sd15["model"]["class_path"].endswith(".SSPO")
+    assert sd15["model"]["init_args"]["backbone"]["class_path"].endswith("StableDiffusionBackbone")
