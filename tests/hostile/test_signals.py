@@ -8,6 +8,7 @@ next step. SIGINT (Ctrl-C) stops it through Lightning's graceful shutdown. Nothi
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -32,15 +33,18 @@ def shards(tmp_path_factory):
 
 def start_and_signal(pipeline, shards, out: Path, signum: int) -> tuple[int, float]:
     """Start a 10000-step fit, send ``signum`` after its second step; return its exit status and how long it
-    took to stop after the signal."""
-    process = subprocess.Popen(
-        script_command(pipeline, shards, out, steps=10000),
-        cwd=out,
-        env=script_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    took to stop after the signal. A fit still running 30 s after the signal fails the test with every
+    thread's traceback (the script dumps them on SIGUSR1)."""
+    stderr = out / "stderr.txt"
+    with stderr.open("w") as errors:
+        process = subprocess.Popen(
+            script_command(pipeline, shards, out, steps=10000),
+            cwd=out,
+            env=script_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            start_new_session=True,
+        )
     record = out / "losses-rank0.jsonl"
     deadline = time.monotonic() + 120
     while not (record.exists() and len(record.read_text().splitlines()) >= 2):
@@ -50,8 +54,13 @@ def start_and_signal(pipeline, shards, out: Path, signum: int) -> tuple[int, flo
     process.send_signal(signum)
     try:
         status = process.wait(timeout=30)
-    finally:
-        process.kill()
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(3)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        tail = stderr.read_text()[-6000:]
+        raise AssertionError(f"the fit still ran 30 s after the signal; its stderr ends:\n{tail}") from None
     return status, time.monotonic() - sent
 
 

@@ -13,6 +13,7 @@ cleanup, no final checkpoint, as a preempted job dies. At the end rank 0 writes 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -43,6 +44,7 @@ class RecordAndKill(pl.Callback):
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that sees a hang asks where it is
     parser = argparse.ArgumentParser()
     parser.add_argument("pipeline")
     parser.add_argument("shards")
