@@ -8,7 +8,9 @@ pair inside the bucket, runs one policy and one reference forward (``sample_erro
 each method's own ``compute_loss`` on those errors with respect to the LoRA weights: every method sees the
 same draws, so the ratios are paired comparisons.
 
-Printed per bucket, for each importance setting:
+The importance settings: the defaults (the KL per element, ``tau = 0.9``), the KL of the whole latent with
+``tau = 0.1``, and the KL scale calibrated so a typical weight is ``tau = 0.9`` at ``t = 100``
+(``calibrate_kl_scale_at: 0.1``, measured on the pairs with the perturbed policy). Printed per bucket, for each:
 
 * ``w``: the mean importance weight; ``masked``: the fraction of pairs DPO-C&M drops;
 * ``var``: the gradient's variance over draws (trace of the covariance / number of weights), for
@@ -35,21 +37,24 @@ BETA = 2000.0
 SETTINGS = {  # name -> importance options shared by DPO-C&M and SDPO
     "kl_reduction=mean, tau=0.9 (defaults)": dict(kl_reduction="mean", mask_threshold=0.9),
     "kl_reduction=sum, tau=0.1": dict(kl_reduction="sum", mask_threshold=0.1),
+    "calibrate_kl_scale_at=0.1, tau=0.9": dict(calibrate_kl_scale_at=0.1, mask_threshold=0.9),
 }
 
 
 def make_modules(pipeline: str, options: dict) -> dict[str, torch.nn.Module]:
-    """The three methods. Only Diffusion-DPO's network runs: its LoRA (``lora_B`` perturbed) is the policy."""
+    """The three methods, each with the same LoRA (``lora_B`` perturbed), the policy. Only Diffusion-DPO's network
+    runs in the draws; DPO-C&M's and SDPO's measure their calibrated KL scale, when they have one."""
     modules = {
         "dpo": DiffusionDPO(StableDiffusionBackbone(pipeline), beta=BETA),
         "cm": DPOClipMask(StableDiffusionBackbone(pipeline), beta=BETA, **options),
         "sdpo": SDPO(StableDiffusionBackbone(pipeline), beta=BETA, **options),
     }
-    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, param in modules["dpo"].denoiser.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+        for module in modules.values():
+            generator = torch.Generator().manual_seed(1)
+            for name, param in module.denoiser.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(0.1 * torch.randn(param.shape, generator=generator))
     return modules
 
 
@@ -97,7 +102,10 @@ def main() -> None:
     for setting, options in SETTINGS.items():
         modules = make_modules(pipeline, options)
         batch = precomputed_batch(modules["dpo"], args.pairs)
-        print(f"\n## {setting}   (beta {BETA:g}, {args.pairs} pairs x {args.draws} draws per bucket)\n")
+        for name in ("cm", "sdpo"):  # a calibrated module measures its scale on the first batch it prepares
+            modules[name].prepare_samples(batch, PairRandomness.for_pairs(("calibration",), range(args.pairs)))
+        scale = f", kl_scale {modules['cm'].kl_scale:.4g}" if modules["cm"].typical_error is not None else ""
+        print(f"\n## {setting}   (beta {BETA:g}, {args.pairs} pairs x {args.draws} draws per bucket{scale})\n")
         print("| t bucket | w | masked | var DPO | var C&M / DPO | var SDPO / DPO | nsr DPO | nsr C&M | nsr SDPO |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for bucket in range(args.buckets):

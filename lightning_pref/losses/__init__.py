@@ -40,6 +40,7 @@ from lightning_pref.losses.dmpo import check_dmpo_alpha, dmpo_loss
 from lightning_pref.losses.dpo_clip_mask import dpo_clip_mask_loss
 from lightning_pref.losses.importance import (
     ImportanceWeightPlacement,
+    calibrated_kl_scale,
     check_importance_options,
     clipped_weight,
     importance_mask,
@@ -66,6 +67,7 @@ __all__ = [
     "PreferenceLossKind",
     "SafeguardScope",
     "bounded_likelihood",
+    "calibrated_kl_scale",
     "check_dmpo_alpha",
     "check_entropy_gamma",
     "check_importance_options",

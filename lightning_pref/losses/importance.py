@@ -9,6 +9,7 @@ tensors of shape ``(B,)``, one per branch.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from torch import Tensor
@@ -64,6 +65,36 @@ def importance_mask(weight_w: Tensor, weight_l: Tensor, threshold: float) -> Ten
         tensor([1., 0., 0.])
     """
     return ((weight_w >= threshold) & (weight_l >= threshold)).float()
+
+
+def calibrated_kl_scale(coefficient: float, typical_error: float, threshold: float) -> float:
+    """The KL scale ``k`` at which a typical sample's importance weight equals the mask threshold at one time
+    ``[reconstructed]``.
+
+    ``log w_t = -k * c_t * err``; asking ``exp(-k * c_t* * e_typ) = tau`` at the chosen time ``t*`` gives
+    ``k = -log(tau) / (c_t* * e_typ)``. ``k`` is the number of independent elements the KL counts (1: the
+    per-element KL of ``kl_reduction: mean``; the latent's size: ``sum``), the one constant of the weight that
+    neither the process nor the model fixes (see
+    [`ImportanceWeightedModule`][lightning_pref.methods.importance.ImportanceWeightedModule] for why one
+    crossing is pinned, not two).
+
+    Args:
+        coefficient: ``c_t*`` of the process at ``t*``
+            ([`importance_coefficient`][lightning_pref.processes.NoiseProcess.importance_coefficient]), finite and
+            positive.
+        typical_error: ``e_typ``, the mean squared prediction error at ``t*`` (reduced as the weights reduce it).
+        threshold: ``tau`` in ``(0, 1)``.
+
+    Returns:
+        ``k``, a positive float.
+
+    Example:
+        >>> from lightning_pref.losses.importance import calibrated_kl_scale
+        >>> scale = calibrated_kl_scale(coefficient=0.01, typical_error=0.15, threshold=0.9)
+        >>> round(scale, 2), round(math.exp(-scale * 0.01 * 0.15), 6)   # the typical weight at t* is tau
+        (70.24, 0.9)
+    """
+    return -math.log(threshold) / (coefficient * typical_error)
 
 
 def clipped_weight(weight: Tensor, clip_eps: float) -> Tensor:

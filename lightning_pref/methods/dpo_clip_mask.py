@@ -27,13 +27,17 @@ class DPOClipMask(ImportanceWeightedModule):
     3. ``L = -sum(m * log sigmoid(u)) / max(sum(m), 1)``, ``u`` optionally clipped to ``[-margin_clip, margin_clip]``.
 
     The paper's optional restriction of training times to an informative range is the backbone's
-    ``timestep_range`` option.
+    ``timestep_range`` option. With the default per-element KL the weights stay near 1 beyond the first steps
+    and the mask drops almost nothing; ``calibrate_kl_scale_at: 0.1`` scales the KL so that the mask drops the
+    timesteps below ``t ~ 100``, where the paper's weights are low (measured once, on the first batch; see
+    [`ImportanceWeightedModule`][lightning_pref.methods.importance.ImportanceWeightedModule]) ``[reconstructed]``.
 
     Args:
         mask_threshold: ``tau`` (0.9; must be set: the mask is the method).
         margin_clip: symmetric clip of ``u`` (``None``: none) ``[reconstructed]``.
         **kwargs: the importance-weight options of
-            [`ImportanceWeightedModule`][lightning_pref.methods.importance.ImportanceWeightedModule] and the options of
+            [`ImportanceWeightedModule`][lightning_pref.methods.importance.ImportanceWeightedModule] (``kl_reduction``,
+            ``kl_scale``, ``calibrate_kl_scale_at``, ``weight_estimator``, ``importance_step``) and the options of
             [`PreferenceDiffusionModule`][lightning_pref.methods.base.PreferenceDiffusionModule] (``beta`` in
             Diffusion-DPO units).
     """

@@ -35,7 +35,8 @@ class SDPO(ImportanceWeightedModule):
             Diffusion-DPO in its own units (see the docs page).
         **kwargs: the importance-weight options of
             [`ImportanceWeightedModule`][lightning_pref.methods.importance.ImportanceWeightedModule]
-            (``mask_threshold`` 0.9, ``kl_reduction``, ``weight_estimator``, ``importance_step``) and those of
+            (``mask_threshold`` 0.9, ``kl_reduction``, ``kl_scale``, ``calibrate_kl_scale_at``, ``weight_estimator``,
+            ``importance_step``) and those of
             [`PreferenceDiffusionModule`][lightning_pref.methods.base.PreferenceDiffusionModule].
     """
 

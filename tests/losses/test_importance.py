@@ -8,6 +8,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from lightning_pref.losses import timestep_bucket_means
+from lightning_pref.losses.importance import calibrated_kl_scale
 from lightning_pref.processes import DDPMProcess, FlowMatchingProcess
 
 
@@ -16,6 +17,16 @@ def test_bucket_means_cover_only_the_buckets_present():
     assert metrics.keys() == {"w_t0.0-0.1", "w_t0.5-0.6", "w_t0.9-1.0"}  # t = 1 falls in the last bucket
     assert metrics["w_t0.0-0.1"].item() == 1.5
     assert metrics["w_t0.9-1.0"].item() == 8.0
+
+
+@pytest.mark.parametrize(
+    "coefficient, typical_error, threshold", [(0.01, 0.15, 0.9), (3e-3, 1.1, 0.5), (500.0, 3e-3, 0.99)]
+)
+def test_calibrated_scale_puts_the_typical_weight_at_the_threshold(coefficient, typical_error, threshold):
+    scale = calibrated_kl_scale(coefficient, typical_error, threshold)
+    assert math.exp(-scale * coefficient * typical_error) == pytest.approx(threshold, rel=1e-12)
+    # a sample with twice the typical error at t* weighs tau^2: the scale is linear in the KL
+    assert math.exp(-scale * coefficient * 2 * typical_error) == pytest.approx(threshold**2, rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------ importance weights
