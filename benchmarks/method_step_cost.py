@@ -64,8 +64,7 @@ def step_seconds(method: str, steps: int, data: dict[str, Path], out: Path) -> f
     from lightning_pref.cli import PreferenceCLI
 
     timer = StepTimer()
-    args = [
-        "fit",
+    args = [  # run=False: no subcommand, the fit is called below
         "--config",
         str(CONFIGS / f"{method}.yaml"),
         "--trainer.max_steps",
