@@ -8,7 +8,8 @@ one loser per real winner at the start of each iteration, and that time is sprea
 The real-winner set is sized so SPIN generates as many losers per training step as its toy config does (1024
 winners for 70 steps of 16 pairs: about one loser per pair trained on).
 
-Prints each method's median step time and its ratio over Diffusion-DPO's.
+Prints each method's step time over Diffusion-DPO's in the same round, per round and their mean (the rounds
+run at different machine loads; a ratio within one round is steadier than a median over rounds).
 
     python benchmarks/method_step_cost.py [--steps 12] [--repeats 2]
 """
@@ -114,12 +115,17 @@ def main() -> None:
             for method in order:
                 times[method].append(step_seconds(method, args.steps, data, out / f"round{repeat}"))
                 print(f"round {repeat}: {method} {1000 * times[method][-1]:.0f} ms/step", file=sys.stderr, flush=True)
-    baseline = statistics.median(times["diffusion_dpo"])
-    print(f"median step time over {args.repeats} rounds of {args.steps} steps (toy configs, one thread):")
-    for method in METHODS:
-        median = statistics.median(times[method])
+    print(
+        f"step time over Diffusion-DPO's in the same round ({args.repeats} rounds of {args.steps} steps, toy configs, "
+        "one thread); rounds differ in machine load, the ratio within a round less:"
+    )
+    for method in METHODS[1:]:
+        ratios = [ours / dpo for ours, dpo in zip(times[method], times["diffusion_dpo"])]
         pairs = yaml.safe_load((CONFIGS / f"{method}.yaml").read_text())["data"]["init_args"]["batch_size"]
-        print(f"  {method:15s} {1000 * median:7.0f} ms ({pairs} pairs)   {median / baseline:5.2f} x Diffusion-DPO")
+        per_round = ", ".join(f"{ratio:.2f}" for ratio in ratios)
+        print(
+            f"  {method:15s} {statistics.mean(ratios):5.2f} x Diffusion-DPO (rounds: {per_round}; {pairs} pairs a step)"
+        )
 
 
 if __name__ == "__main__":
