@@ -33,10 +33,14 @@ from lightning_pref.seeding import PairRandomness, stream_seed
 if TYPE_CHECKING:
     from lightning_pref.methods.base import PreferenceDiffusionModule
 
+#: the checkpoint entry holding the pair source's ``checkpoint_state``
+PAIR_SOURCE_KEY = "pair_source"
+
 
 class PairSource(nn.Module):
     """Interface: turn a training batch into a pair batch. A module, so what it holds (a reward model) follows
-    the LightningModule's device; frozen, so it is never trained nor written to a checkpoint.
+    the LightningModule's device; frozen, so it is never trained and its weights (a reward model's) are never
+    written to a checkpoint. What it needs to resume goes there through ``checkpoint_state``.
 
     A source that keeps only some rows of ``batch`` (dropped near-ties, say) returns their streams
     (``random.rows(kept)``), so every pair keeps the noise stream of the row it was made from.
@@ -48,6 +52,14 @@ class PairSource(nn.Module):
         """The pair batch the step trains on, and the streams of its rows. ``random`` holds the step's per-row
         streams of ``batch``."""
         raise NotImplementedError
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a resumed run needs to go on as the uninterrupted one would (plain tensors and numbers, saved in
+        the module's checkpoint); nothing by default."""
+        return {}
+
+    def restore(self, module: PreferenceDiffusionModule, state: dict[str, Any]) -> None:
+        """Take back what ``checkpoint_state`` saved (called while ``module`` loads its checkpoint)."""
 
 
 class RewardRankedPairs(PairSource):
@@ -79,8 +91,10 @@ class RewardRankedPairs(PairSource):
         num_inference_steps, guidance_scale, generation_batch_size: the sampler's settings
             ([`generate`][lightning_pref.generation.generate]).
         reference_update_every: every this many optimizer steps, the policy's weights become the reference
-            (flow_grpo's ``ref_update_step``); ``None``: the reference stays the base model. A resumed run
-            refreshes at its first step that is a multiple of it (the reference is not in checkpoints).
+            (flow_grpo's ``ref_update_step``); ``None``: the reference stays the base model. The weights last
+            installed are kept as CPU copies and saved in checkpoints (one more copy of the trained tensors:
+            the adapters under LoRA, the denoiser in a full fine-tune), so a resumed run compares with the same
+            reference as the uninterrupted one.
     """
 
     def __init__(
@@ -123,8 +137,9 @@ class RewardRankedPairs(PairSource):
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=generation_batch_size
         )
         self.reference_update_every = reference_update_every
-        #: the optimizer step whose weights the reference last received (``-1``: none yet)
+        #: the optimizer step whose weights the reference last received (``-1``: none yet), and those weights
         self.refreshed_at = -1
+        self.reference_weights: dict[str, Tensor] = {}
 
     def pairs(
         self, module: PreferenceDiffusionModule, batch: dict[str, Any], random: PairRandomness
@@ -175,8 +190,22 @@ class RewardRankedPairs(PairSource):
             raise ConfigError(
                 f"reference_update_every={every}: {type(module).__name__} has no reference to refresh; remove the option."
             )
-        module.reference.install(module.trained_weights())
+        self.reference_weights = module.trained_weights()
+        module.reference.install(self.reference_weights)
         self.refreshed_at = step
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The last refresh's step and weights (nothing before the first refresh: the reference is the base)."""
+        if self.refreshed_at < 0:
+            return {}
+        return {"refreshed_at": self.refreshed_at, "reference_weights": self.reference_weights}
+
+    def restore(self, module: PreferenceDiffusionModule, state: dict[str, Any]) -> None:
+        """Install the saved refresh's weights as the reference again."""
+        if not state:
+            return
+        self.reference_weights, self.refreshed_at = state["reference_weights"], int(state["refreshed_at"])
+        module.checked_reference().install(self.reference_weights)
 
     def log_candidates(
         self, module: PreferenceDiffusionModule, groups: Tensor, gaps: Tensor, near_ties: Tensor

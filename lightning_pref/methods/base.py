@@ -70,7 +70,7 @@ from lightning_pref.methods.options import (
     check_training_options,
 )
 from lightning_pref.methods.step import NoisySamples, SampleErrors, Samples, mean_squared_error
-from lightning_pref.pair_sources import PairSource
+from lightning_pref.pair_sources import PAIR_SOURCE_KEY, PairSource
 from lightning_pref.reference import AdaptersDisabled, FrozenCopy, Reference
 from lightning_pref.seeding import PairRandomness
 from lightning_pref.strategies import fully_shard_blocks
@@ -609,11 +609,14 @@ class PreferenceDiffusionModule(pl.LightningModule):
         return keys
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep the trained weights only, and refuse to write any that are NaN or infinite."""
+        """Keep the trained weights only (and what the ``pair_source`` needs to resume), and refuse to write any
+        that are NaN or infinite."""
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
             return  # FSDP2's distributed checkpoint reloads the whole module, sharded: keep every key
+        if self.pair_source is not None and (state := self.pair_source.checkpoint_state()):
+            checkpoint[PAIR_SOURCE_KEY] = state
         keep = self.trained_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         for key, value in checkpoint["state_dict"].items():
@@ -629,6 +632,8 @@ class PreferenceDiffusionModule(pl.LightningModule):
         changed = check_resumed_options(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
         if checkpoint.get("optimizer_states") and changed:
             apply_optimizer_options(checkpoint, changed_optimizer_entries(self.optimizer_options(), changed))
+        if self.pair_source is not None:
+            self.pair_source.restore(self, checkpoint.get(PAIR_SOURCE_KEY, {}))
         if "state_dict" not in checkpoint:  # DeepSpeed restores the weights through its engine
             return
         missing = self.trained_state_keys() - set(checkpoint["state_dict"])

@@ -1,6 +1,8 @@
 """Online DPO: fits on prompt batches with a reward, logs its candidates, refreshes its reference; any pairwise
 method trains on online pairs; the example configs."""
 
+import copy
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -69,6 +71,39 @@ def test_a_tiny_online_fit_logs_its_candidates_and_refreshes_the_reference_with_
     assert all(torch.equal(reference[name], at_step_2.policy[name]) for name in initial)
     assert any(not torch.equal(reference[name], final[name]) for name in initial)  # step 3 trained past it
     assert any(not torch.equal(reference[name], initial[name]) for name in initial)
+
+
+def test_a_resumed_run_compares_with_the_refreshed_reference_of_the_uninterrupted_run(sd_backbone, tmp_path):
+    """Refresh every 2 steps; a checkpoint after step 3 (refreshed at step 2) resumes with step 2's weights as the
+    reference, not the base model's, and its step 4 trains as the uninterrupted run's does."""
+
+    def module():
+        source = RewardRankedPairs(ToyPreferenceReward(), candidates=2, reference_update_every=2, **SAMPLER)
+        return OnlineDPO(copy.deepcopy(sd_backbone), finetune="full", lr=1e-3, pair_source=source)
+
+    uninterrupted, at_step_3 = module(), WeightsAtStep(3)
+    trainer(tmp_path / "whole", 4, callbacks=[at_step_3]).fit(uninterrupted, datamodule=prompts(batches=4))
+
+    first = module()
+    fit = trainer(tmp_path / "first", 3)
+    fit.fit(first, datamodule=prompts(batches=4))
+    fit.save_checkpoint(tmp_path / "step3.ckpt")
+    resumed, resumed_at_step_3 = module(), WeightsAtStep(3)
+
+    class ReferenceAtStart(pl.Callback):
+        def on_train_start(self, trainer, module):
+            self.reference = {k: v.clone() for k, v in module.reference.copy.state_dict().items()}
+
+    at_start = ReferenceAtStart()
+    trainer(tmp_path / "resumed", 4, callbacks=[resumed_at_step_3, at_start]).fit(
+        resumed, datamodule=prompts(batches=4), ckpt_path=tmp_path / "step3.ckpt"
+    )
+
+    assert resumed.pair_source.refreshed_at == 2
+    for name, value in at_step_3.reference.items():  # the reference the uninterrupted run trained step 4 against
+        assert torch.equal(at_start.reference[name], value), name
+    final, resumed_final = uninterrupted.trained_weights(), resumed.trained_weights()
+    assert all(torch.equal(final[name], resumed_final[name]) for name in final)
 
 
 def test_any_pairwise_method_trains_on_online_pairs_and_near_ties_drop_in_the_fit(sd_backbone, tmp_path):
