@@ -5,7 +5,9 @@ lightning-pref data pairs --table pairs.csv --out shards/mine [--root images/] [
 lightning-pref data video-pairs --format videoalign --source train.csv --out shards/video [--label-column Overall]
 lightning-pref data video-pairs --format videodpo --source vidpro-dpo/ --out shards/video
 lightning-pref data precompute --backbone StableDiffusionBackbone --pretrained PATH --in shards/pickapic --out shards/latents
+lightning-pref data user-embeddings --in shards/pickapic --out shards/users --encoder VLM_HUB_ID_OR_DIR [--examples 4]
 lightning-pref data toy --out data/toy --pairs 2048 [--label-noise 0.2] [--users warm cool]
+lightning-pref data toy --users --out data/toy-users --pairs 2048   (PPD's two users: 0 warm, 1 cool)
 lightning-pref data toy --real --out data/toy-real --pairs 1024
 """
 
@@ -113,13 +115,39 @@ def data_main(args: list[str]) -> None:
     )
     precompute.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
+    users = commands.add_parser(
+        "user-embeddings",
+        help="copy pair shards with each pair's user embedding added (a vision-language model reads a few pairs of "
+        "each user), for PPD",
+    )
+    users.add_argument("--in", dest="source", required=True, help="pair shards: pixels or precomputed latents")
+    users.add_argument("--out", required=True, help="output directory for the shards")
+    users.add_argument(
+        "--encoder",
+        required=True,
+        help="hub id or local directory of a vision-language model (the paper: LLaVA-OneVision)",
+    )
+    users.add_argument("--examples", type=int, default=4, help="pairs of each user the model reads (the paper: 4)")
+    users.add_argument("--examples-from", default=None, help="pixel shards to read the examples from (default: --in)")
+    users.add_argument("--tokens", type=int, default=16, help="final positions whose hidden states are the embedding")
+    users.add_argument("--hidden-layer", type=int, default=None, help="which hidden states (default: the middle layer)")
+    users.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32"], help="model dtype")
+    users.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    users.add_argument("--seed", type=int, default=0, help="seeds which pairs of each user are read")
+
     toy = commands.add_parser(
         "toy",
         help="sample the toy base model and label pairs with a programmatic reward (--real: rendered real winners)",
     )
     toy.add_argument("--out", required=True, help="output directory for the shards and info.json")
     toy.add_argument("--pairs", type=int, default=1024, help="candidate pairs to sample (near-ties are dropped)")
-    toy.add_argument("--users", nargs="+", default=["warm"], choices=["warm", "cool"], help="one preference per user")
+    toy.add_argument(
+        "--users",
+        nargs="*",
+        default=["warm"],
+        choices=["warm", "cool"],
+        help="one preference per user (user i gets the i-th); the bare flag: PPD's two users, 0 warm and 1 cool",
+    )
     toy.add_argument("--label-noise", type=float, default=0.0, help="fraction of pairs whose labels are flipped")
     toy.add_argument("--pipeline", default=None, help="pipeline to sample (default: the toy base model)")
     toy.add_argument("--seed", type=int, default=0)
@@ -131,6 +159,10 @@ def data_main(args: list[str]) -> None:
     )
 
     options = parser.parse_args(args)
+    if options.command == "toy" and not options.users:
+        from lightning_pref.toy.users import TWO_USERS
+
+        options.users = list(TWO_USERS)
     if options.command == "pickapic":
         from lightning_pref.datamodules.pickapic import convert_pickapic
 
@@ -152,6 +184,8 @@ def data_main(args: list[str]) -> None:
             counts = convert_pair_table(options.source, options.out, options.root, **table_options(options, "video"))
     elif options.command == "precompute":
         counts = run_precompute(options)
+    elif options.command == "user-embeddings":
+        counts = run_user_embeddings(options)
     elif options.real:
         from lightning_pref.toy.preferences import generate_toy_winners
 
@@ -191,4 +225,24 @@ def run_precompute(options: argparse.Namespace) -> dict:
         batch_size=options.batch_size,
         dtype=options.dtype,
         file_format=options.format,
+    )
+
+
+def run_user_embeddings(options: argparse.Namespace) -> dict:
+    import torch
+
+    from lightning_pref.datamodules.users import write_user_embeddings
+    from lightning_pref.users import VisionLanguageUserEncoder
+
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = VisionLanguageUserEncoder(
+        options.encoder, hidden_layer=options.hidden_layer, tokens=options.tokens, dtype=options.dtype, device=device
+    )
+    return write_user_embeddings(
+        options.source,
+        options.out,
+        encoder,
+        examples_per_user=options.examples,
+        examples_from=options.examples_from,
+        seed=options.seed,
     )

@@ -7,6 +7,7 @@ from lightning_pref.datamodules.self_play import SelfPlayDataModule
 from lightning_pref.datamodules.shards import write_preference_shards, write_unpaired_shards
 from lightning_pref.datamodules.streaming import ShardDataModule
 from lightning_pref.datamodules.unpaired import UnpairedDataModule
+from lightning_pref.datamodules.users import UserPreferenceDataModule
 from lightning_pref.datamodules.video import VideoPreferenceDataModule
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "SelfPlayDataModule",
     "ShardDataModule",
     "UnpairedDataModule",
+    "UserPreferenceDataModule",
     "VideoPreferenceDataModule",
     "write_preference_shards",
     "write_unpaired_shards",

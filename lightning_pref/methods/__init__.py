@@ -9,6 +9,7 @@ from lightning_pref.methods.importance import ImportanceWeightedModule
 from lightning_pref.methods.kto import DiffusionKTO
 from lightning_pref.methods.mapo import MaPO
 from lightning_pref.methods.online_dpo import OnlineDPO
+from lightning_pref.methods.ppd import PPD
 from lightning_pref.methods.sdpo import SDPO, SIPO
 from lightning_pref.methods.see_dpo import SEEDPO
 from lightning_pref.methods.spin import SPINDiffusion
@@ -25,6 +26,7 @@ __all__ = [
     "MaPO",
     "NoisySamples",
     "OnlineDPO",
+    "PPD",
     "PairRandomness",
     "PreferenceDiffusionModule",
     "SDPO",

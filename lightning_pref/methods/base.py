@@ -117,6 +117,8 @@ class PreferenceDiffusionModule(pl.LightningModule):
     supported_prediction_types: tuple[str, ...] | None = None
     #: whether the method needs a reference model at all (MaPO does not).
     uses_reference: bool = True
+    #: the ``finetune`` choices: which weights train (PPD trains a ``user_branch`` of its own instead)
+    finetune_modes: tuple[str, ...] = ("lora", "full")
     #: whether the loss compares a winner with a loser (Diffusion-KTO does not): the safeguard and the
     #: entropy regulariser need it.
     pairwise: bool = True
@@ -156,8 +158,8 @@ class PreferenceDiffusionModule(pl.LightningModule):
         check_training_options(beta, lr, weight_decay, adam_betas, warmup_steps, lora_rank, lora_alpha, lora_dropout)
         if nonfinite not in ("stop", "skip"):
             raise ConfigError(f"nonfinite={nonfinite!r}: choose 'stop' (the default) or 'skip'.")
-        if finetune not in ("lora", "full"):
-            raise ConfigError(f"finetune={finetune!r}: choose 'lora' or 'full'.")
+        if finetune not in self.finetune_modes:
+            raise ConfigError(f"finetune={finetune!r}: choose {' or '.join(map(repr, self.finetune_modes))}.")
         if optimizer not in ("adamw", "adafactor"):
             raise ConfigError(f"optimizer={optimizer!r}: choose 'adamw' or 'adafactor'.")
         if reference_offload and finetune != "full":
@@ -199,20 +201,21 @@ class PreferenceDiffusionModule(pl.LightningModule):
             with torch.random.fork_rng(devices=[]):  # the adapters' initial weights depend on `seed` alone
                 torch.manual_seed(seed)
                 self.denoiser.add_adapter(adapter_config)
-        else:
+        elif finetune == "full":
             self.denoiser.requires_grad_(True)
         #: what the policy is compared with (lightning_pref.reference); a plain attribute, not a submodule
-        self.reference: Reference | None = None
-        if self.uses_reference:
-            self.reference = (
-                AdaptersDisabled(self.denoiser, adapter_config)
-                if adapter_config
-                else FrozenCopy(self.denoiser, offload=reference_offload)
-            )
+        self.reference: Reference | None = self.build_reference(adapter_config) if self.uses_reference else None
         if backbone.gradient_checkpointing_by_default if gradient_checkpointing is None else gradient_checkpointing:
             self.denoiser.enable_gradient_checkpointing()
 
     # ----------------------------------------------------------------------------------------- set-up
+    def build_reference(self, adapter_config: LoraConfig | None) -> Reference:
+        """The reference of this fine-tuning mode: the adapters disabled (LoRA) or a frozen copy, optionally
+        offloaded (full); a method with its own trainable set (PPD's user branch) overrides it."""
+        if adapter_config is not None:
+            return AdaptersDisabled(self.denoiser, adapter_config)
+        return FrozenCopy(self.denoiser, offload=self.reference_offload)
+
     @property
     def denoiser(self) -> nn.Module:
         return self.backbone.denoiser

@@ -45,7 +45,16 @@ def check_training_options(
 
 
 #: options that decide what the trained tensors are: a resumed run must keep the checkpoint's values
-TENSOR_SHAPING_OPTIONS = ("finetune", "lora_rank", "lora_alpha", "lora_target_modules", "optimizer")
+TENSOR_SHAPING_OPTIONS = (
+    "finetune",
+    "lora_rank",
+    "lora_alpha",
+    "lora_target_modules",
+    "optimizer",
+    "user_dim",
+    "user_tokens",
+    "num_users",
+)
 
 
 def apply_optimizer_options(checkpoint: dict[str, Any], options: dict[str, Any]) -> None:

@@ -21,6 +21,8 @@ PROMPTS = ["a red cat", "a blue dog", "a green circle", "a square"]
 #: The methods that make their own pairs while training, from other data (real winners, prompts): not run on
 #: the video backbones' pair batches here.
 MAKE_THEIR_PAIRS = (methods.SSPO, methods.SPINDiffusion, methods.OnlineDPO)
+#: The methods defined for UNet backbones only (PPD's user branch sits beside the UNet's cross-attentions).
+UNET_ONLY = (methods.PPD,)
 #: Every preference method of the library that trains on pair batches: the modules ``lightning_pref.methods``
 #: exports that define a loss (a set: ``SIPO`` is ``SDPO``).
 METHODS = sorted(
@@ -30,7 +32,7 @@ METHODS = sorted(
         if isinstance(method, type)
         and issubclass(method, PreferenceDiffusionModule)
         and method.compute_loss is not PreferenceDiffusionModule.compute_loss
-        and method not in MAKE_THEIR_PAIRS
+        and method not in MAKE_THEIR_PAIRS + UNET_ONLY
     },
     key=lambda method: method.__name__,
 )
