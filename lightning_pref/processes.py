@@ -14,18 +14,24 @@ converts it to what the denoiser is fed with ``NoiseProcess.model_timesteps``.
 Both families also give the **per-step importance weight** of SDPO and DPO-C&M (METHODS.md section 2),
 ``w_t = p_theta(x_prev | x_t) / q(x_prev | x_t, x0)``, in closed form from one shared formula
 (``NoiseProcess.log_importance_weight``).
+
+DDPM processes also run a **deterministic DDIM inversion** (Inversion-DPO, METHODS.md section 4): ``x0`` carried
+up the noise levels by a model's own noise predictions ([`ddim_invert`][lightning_pref.processes.ddim_invert],
+through the timesteps of ``DDPMProcess.ddim_inversion_timesteps``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from diffusers import CogVideoXDDIMScheduler, DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
 
-from lightning_pref.errors import ConfigError
+from lightning_pref.errors import ConfigError, check_whole_numbers
 
 
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:
@@ -275,6 +281,38 @@ class DDPMProcess(NoiseProcess):
         abar = self.alphas_cumprod[t.cpu().long()]
         return (1 - abar) / abar if self.prediction_type == "epsilon" else 1 - abar
 
+    # ------------------------------------------------------------------------ DDIM inversion (Inversion-DPO)
+    def ddim_inversion_timesteps(self, num_steps: int) -> Tensor:
+        """The increasing timesteps ``t_i = i * (num_train_timesteps // num_steps)``, ``i = 0 .. num_steps - 1``, of
+        a ``num_steps``-step DDIM inversion, ``(num_steps,)`` long.
+
+        Leading spacing from 0: the timesteps of diffusers' ``DDIMInverseScheduler`` (and, reversed, of
+        ``DDIMScheduler``) with ``timestep_spacing="leading"`` and ``steps_offset=0``, as Inversion-DPO's released
+        code builds its scheduler (``k = 1000 // N``: 0, 12, ..., 948 for ``N = 80``). The checkpoint's own
+        sampler settings are not used: SD1.5's scheduler config says ``steps_offset=1``, the toy model's
+        ``trailing``.
+        """
+        check_whole_numbers(num_inversion_steps=num_steps)
+        if num_steps > self.num_train_timesteps:
+            raise ConfigError(
+                f"num_inversion_steps={num_steps}: use at most the schedule's {self.num_train_timesteps} steps."
+            )
+        return torch.arange(num_steps) * (self.num_train_timesteps // num_steps)
+
+    def predicted_noise(self, prediction: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The noise ``eps`` a denoiser output at ``(x_t, t)`` stands for, in fp32: the output itself for epsilon
+        prediction, ``sqrt(abar_t) v + sqrt(1 - abar_t) x_t`` for v prediction."""
+        if self.prediction_type == "epsilon":
+            return prediction.float()
+        signal, sigma = self._coefficients(t, x_t)
+        return signal * prediction.float() + sigma * x_t.float()
+
+    def noise_of(self, x_t: Tensor, x0: Tensor, t: Tensor) -> Tensor:
+        """The noise that makes ``x_t`` of ``x0`` at ``t`` (``add_noise``'s inverse in its noise),
+        ``(x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)``, in fp32."""
+        signal, sigma = self._coefficients(t, x_t)
+        return (x_t.float() - signal * x0.float()) / sigma
+
 
 class FlowMatchingProcess(NoiseProcess):
     """Rectified flow (Lipman et al. 2023; Esser et al. 2024 for SD3's sampling choices).
@@ -381,3 +419,86 @@ class FlowMatchingProcess(NoiseProcess):
 
     def x0_error_scale(self, t: Tensor) -> Tensor:
         return t.cpu().double() ** 2  # x0_hat - x0 = -s (v_hat - v)
+
+
+@dataclass
+class DDIMInversion:
+    """Every state of a deterministic DDIM inversion of ``B`` samples through ``n`` timesteps.
+
+    ``latents``: ``(B, n + 1, ...)``, ``z_0 = x0, z_1, ..., z_n``; ``noise``: ``(B, n, ...)``, ``e_0 .. e_{n-1}``,
+    the noise prediction ``e_i = predict_eps(z_i, t_i)`` that moved ``z_i`` to ``z_{i+1}``; ``timesteps``: ``(n,)``.
+    Both fp32.
+    """
+
+    latents: Tensor
+    noise: Tensor
+    timesteps: Tensor
+
+
+def ddim_invert(
+    predict_eps: Callable[[Tensor, Tensor], Tensor],
+    x0: Tensor,
+    timesteps: Tensor,
+    alphas_cumprod: Tensor,
+    initial_alpha_cumprod: float | None = None,
+) -> DDIMInversion:
+    """Deterministic DDIM inversion (Song et al., ICLR 2021, Eq. 12 run clean to noisy): ``x0 = z_0 -> ... -> z_n``.
+
+    Step ``i`` (``t_i = timesteps[i]``, increasing; ``a_i = alphas_cumprod[t_i]``; ``a_{-1} = initial_alpha_cumprod``):
+
+        e_i = predict_eps(z_i, t_i)
+        z_{i+1} = sqrt(a_i) (z_i - sqrt(1 - a_{i-1}) e_i) / sqrt(a_{i-1}) + sqrt(1 - a_i) e_i
+
+    so ``z_{i+1}`` is at the noise level of ``t_i``, while ``e_i`` is predicted at ``t_i`` from ``z_i`` (one level
+    below): DDIM sampling through the same timesteps undoes every step exactly when the noise prediction does not
+    depend on its input, and up to ``predict_eps(z_{i+1}, t_i) - predict_eps(z_i, t_i)`` otherwise.
+
+    It is diffusers' ``DDIMInverseScheduler.step`` with ``clip_sample=False`` (its default ``True`` clamps the clean
+    estimate to [-1, 1], which latents exceed), on the timesteps of ``set_timesteps`` with
+    ``timestep_spacing="leading"`` and ``steps_offset=0``
+    ([`DDPMProcess.ddim_inversion_timesteps`][lightning_pref.processes.DDPMProcess.ddim_inversion_timesteps]), and
+    ``a_{-1}``:
+
+    * ``None`` (default): ``alphas_cumprod[0]``, ``DDIMInverseScheduler(set_alpha_to_one=False)``, as
+      Inversion-DPO's released code (``train_ddim.py``, ``_next_step_scheduler``). With ``t_0 = 0`` the first step
+      then maps ``a_{-1} = a_0`` to ``a_0``: it is the identity, ``z_1 = z_0`` exactly;
+    * ``1.0``: the scheduler's default ``set_alpha_to_one=True``, whose first step adds ``t_0``'s noise.
+
+    The step is computed here rather than by the scheduler so that any DDPM process's ``alphas_cumprod`` applies
+    (CogVideoX's SNR-shifted schedule, which ``DDIMInverseScheduler`` would rebuild without the shift, included).
+    Classifier-free guidance, v prediction and the reference network are the caller's ``predict_eps``. The
+    coefficients are computed in float64, the states in fp32.
+
+    Args:
+        predict_eps: ``(z, t) -> eps``, with ``z`` of ``x0``'s shape and ``t`` the ``(B,)`` process times.
+        x0: clean samples, ``(B, ...)``.
+        timesteps: increasing process times, ``(n,)``.
+        alphas_cumprod: the schedule's ``abar``, indexed by process time.
+        initial_alpha_cumprod: ``a_{-1}``, the level the first step starts from.
+
+    Returns:
+        A [`DDIMInversion`][lightning_pref.processes.DDIMInversion].
+
+    Example:
+        >>> process = DDPMProcess({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
+        >>> x0 = torch.zeros(1, 4, 2, 2)
+        >>> steps = process.ddim_inversion_timesteps(4)   # 0, 250, 500, 750
+        >>> inversion = ddim_invert(lambda z, t: torch.ones_like(z), x0, steps, process.alphas_cumprod)
+        >>> inversion.latents.shape, bool((inversion.latents[:, 1] == x0).all())   # the first step is the identity
+        (torch.Size([1, 5, 4, 2, 2]), True)
+        >>> exact = ddim_invert(lambda z, t: torch.ones_like(z), x0, steps, process.alphas_cumprod, 1.0)
+        >>> exact.latents[0, :, 0, 0, 0]   # a constant prediction e = 1 from a_{-1} = 1: z_{i+1} = sqrt(1 - a_i)
+        tensor([0.0000, 0.0292, 0.5711, 0.8507, 0.9715])
+    """
+    abar = alphas_cumprod.to(torch.float64).cpu()
+    levels = abar[timesteps.cpu().long()].tolist()
+    first = abar[0].item() if initial_alpha_cumprod is None else initial_alpha_cumprod
+    z = x0.float()
+    latents, noise = [z], []
+    for t, a_prev, a_next in zip(timesteps, [first, *levels[:-1]], levels):
+        eps = predict_eps(z, t.expand(z.shape[0])).float()
+        scale = math.sqrt(a_next / a_prev)
+        z = scale * z + (math.sqrt(1 - a_next) - scale * math.sqrt(1 - a_prev)) * eps
+        latents.append(z)
+        noise.append(eps)
+    return DDIMInversion(torch.stack(latents, 1), torch.stack(noise, 1), timesteps)

@@ -19,6 +19,7 @@ with ``losses/dmpo.py``, tested in ``tests/losses/test_dmpo.py``):
 | [`kto`][lightning_pref.losses.kto] | Diffusion-KTO (unpaired) |
 | [`mapo`][lightning_pref.losses.mapo] | MaPO (reference-free) |
 | [`sspo`][lightning_pref.losses.sspo] | SSPO's Self-Sampling Regularization |
+| [`inversion_dpo`][lightning_pref.losses.inversion_dpo] | Inversion-DPO |
 | [`safeguard`][lightning_pref.losses.safeguard] | the loser-gradient safeguard (the base module's ``loser_safeguard``) |
 
 Options are checked once, by the ``check_*`` function next to each loss, which the method's constructor calls;
@@ -46,6 +47,7 @@ from lightning_pref.losses.importance import (
     importance_mask,
     timestep_bucket_means,
 )
+from lightning_pref.losses.inversion_dpo import InversionSign, check_inversion_sign, inversion_dpo_loss
 from lightning_pref.losses.kto import check_kto_weights, kto_loss
 from lightning_pref.losses.mapo import bounded_likelihood, check_mapo_options, mapo_loss
 from lightning_pref.losses.safeguard import (
@@ -64,6 +66,7 @@ __all__ = [
     "check_sspo_options",
     "sspo_loss",
     "ImportanceWeightPlacement",
+    "InversionSign",
     "PreferenceLossKind",
     "SafeguardScope",
     "bounded_likelihood",
@@ -71,6 +74,7 @@ __all__ = [
     "check_dmpo_alpha",
     "check_entropy_gamma",
     "check_importance_options",
+    "check_inversion_sign",
     "check_kto_weights",
     "check_mapo_options",
     "check_preference_loss_options",
@@ -83,6 +87,7 @@ __all__ = [
     "error_metrics",
     "implicit_reward_margin",
     "importance_mask",
+    "inversion_dpo_loss",
     "kto_loss",
     "loser_gradient_scale",
     "mapo_loss",

@@ -6,6 +6,7 @@ from lightning_pref.methods.diffusion_dpo import DiffusionDPO
 from lightning_pref.methods.dmpo import DMPO
 from lightning_pref.methods.dpo_clip_mask import DPOClipMask
 from lightning_pref.methods.importance import ImportanceWeightedModule
+from lightning_pref.methods.inversion_dpo import InversionDPO
 from lightning_pref.methods.kto import DiffusionKTO
 from lightning_pref.methods.mapo import MaPO
 from lightning_pref.methods.online_dpo import OnlineDPO
@@ -23,6 +24,7 @@ __all__ = [
     "DiffusionDPO",
     "DiffusionKTO",
     "ImportanceWeightedModule",
+    "InversionDPO",
     "MaPO",
     "NoisySamples",
     "OnlineDPO",

@@ -21,8 +21,9 @@ PROMPTS = ["a red cat", "a blue dog", "a green circle", "a square"]
 #: The methods that make their own pairs while training, from other data (real winners, prompts): not run on
 #: the video backbones' pair batches here.
 MAKE_THEIR_PAIRS = (methods.SSPO, methods.SPINDiffusion, methods.OnlineDPO)
-#: The methods defined for UNet backbones only (PPD's user branch sits beside the UNet's cross-attentions).
-UNET_ONLY = (methods.PPD,)
+#: The methods defined for UNet backbones only (PPD's user branch sits beside the UNet's cross-attentions) or
+#: for DDPM ones only at N times a step's cost (Inversion-DPO inverts every sample; tested on SD1.5 and SDXL).
+NOT_ON_VIDEO = (methods.PPD, methods.InversionDPO)
 #: Every preference method of the library that trains on pair batches: the modules ``lightning_pref.methods``
 #: exports that define a loss (a set: ``SIPO`` is ``SDPO``).
 METHODS = sorted(
@@ -32,7 +33,7 @@ METHODS = sorted(
         if isinstance(method, type)
         and issubclass(method, PreferenceDiffusionModule)
         and method.compute_loss is not PreferenceDiffusionModule.compute_loss
-        and method not in MAKE_THEIR_PAIRS + UNET_ONLY
+        and method not in MAKE_THEIR_PAIRS + NOT_ON_VIDEO
     },
     key=lambda method: method.__name__,
 )
