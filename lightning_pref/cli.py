@@ -1,5 +1,5 @@
-"""The ``lightning-pref`` command: LightningCLI (``fit``, ``validate``) plus ``data``, ``plan``, ``export`` and
-``plot``.
+"""The ``lightning-pref`` command: LightningCLI (``fit``, ``validate``) plus ``data``, ``plan``, ``export``,
+``plot``, ``evaluate`` and ``sample``.
 
     lightning-pref fit --config examples/quickstart.yaml
     lightning-pref fit --config x.yaml --model.init_args.beta 2000 --trainer.max_steps 100
@@ -8,6 +8,9 @@
     lightning-pref data toy --out data/toy
     lightning-pref export --config run/config.yaml --checkpoint run/checkpoints/last.ckpt --out tuned
     lightning-pref plot outputs/quickstart
+    lightning-pref evaluate --tuned run/checkpoints/last.ckpt --config run/config.yaml --prompts prompts.txt
+        --scorer lightning_pref.rewards.toy.WarmthReward --out eval.json
+    lightning-pref sample --model tuned-model --prompts prompts.txt --seeds-per-prompt 4 --out samples
 
 An error the user can fix ([`lightning_pref.errors`][lightning_pref.errors]) is printed as one line naming the key, file or
 field and the fix, with exit status 2; ``LIGHTNING_PREF_DEBUG=1`` shows its traceback.
@@ -37,6 +40,8 @@ commands:
   plan       per-GPU memory of a preference run, before renting the GPUs
   export     a training checkpoint to a diffusers model or LoRA
   plot       training curves of a run's metrics.csv to a PNG
+  evaluate   rewards of a tuned model against its base on a prompt file, under a pinned spec, to JSON
+  sample     images (PNGs and a grid) of a model for a prompt file
 
 `lightning-pref COMMAND --help` describes each command.
 """
@@ -145,6 +150,14 @@ def run(args: list[str] | None) -> None:
         from lightning_pref.plotting import plot_main
 
         plot_main(words[1:])
+    elif words[0] == "evaluate":
+        from lightning_pref.evaluation import evaluate_main
+
+        evaluate_main(words[1:])
+    elif words[0] == "sample":
+        from lightning_pref.evaluation import sample_main
+
+        sample_main(words[1:])
     else:
         PreferenceCLI(args=args)
 
