@@ -36,7 +36,7 @@ USAGE = """usage: lightning-pref COMMAND [options]
 commands:
   fit        train a method from a YAML config (LightningCLI: --config, --print_config, --ckpt_path)
   validate   evaluate a config (and a checkpoint) on its validation shards
-  data       write preference shards: pickapic, pairs, video-pairs, precompute, toy
+  data       write preference shards: pickapic, pairs, video-pairs, precompute, relabel, user-embeddings, toy
   plan       per-GPU memory of a preference run, before renting the GPUs
   export     a training checkpoint to a diffusers model or LoRA
   plot       training curves of a run's metrics.csv to a PNG

@@ -5,6 +5,7 @@ lightning-pref data pairs --table pairs.csv --out shards/mine [--root images/] [
 lightning-pref data video-pairs --format videoalign --source train.csv --out shards/video [--label-column Overall]
 lightning-pref data video-pairs --format videodpo --source vidpro-dpo/ --out shards/video
 lightning-pref data precompute --backbone StableDiffusionBackbone --pretrained PATH --in shards/pickapic --out shards/latents
+lightning-pref data relabel --in shards/pickapic --out shards/relabelled --scorer CLASS_PATH[=JSON] [--tie-margin 0.01]
 lightning-pref data user-embeddings --in shards/pickapic --out shards/users --encoder VLM_HUB_ID_OR_DIR [--examples 4]
 lightning-pref data toy --out data/toy --pairs 2048 [--label-noise 0.2] [--users warm cool]
 lightning-pref data toy --users --out data/toy-users --pairs 2048   (PPD's two users: 0 warm, 1 cool)
@@ -115,6 +116,21 @@ def data_main(args: list[str]) -> None:
     )
     precompute.add_argument("--device", default=None, help="default: cuda when available, else cpu")
 
+    relabel = commands.add_parser(
+        "relabel", help="copy pair shards with each pair's winner chosen by a scorer (AI feedback) and a report"
+    )
+    relabel.add_argument("--in", dest="source", required=True, help="pair shards: a directory, glob or brace pattern")
+    relabel.add_argument("--out", required=True, help="a new or empty directory for the shards and relabel.json")
+    relabel.add_argument(
+        "--scorer", required=True, help='a RewardModel: CLASS_PATH or CLASS_PATH={"json": "init args"}'
+    )
+    relabel.add_argument("--tie-margin", type=float, default=0.0, help="scores this close are a tie (default 0)")
+    relabel.add_argument(
+        "--ties", default="keep", choices=["keep", "drop"], help="a tie keeps its original order, or is dropped"
+    )
+    relabel.add_argument("--batch-size", type=int, default=32, help="pairs per scorer call")
+    relabel.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+
     users = commands.add_parser(
         "user-embeddings",
         help="copy pair shards with each pair's user embedding added (a vision-language model reads a few pairs of "
@@ -184,6 +200,8 @@ def data_main(args: list[str]) -> None:
             counts = convert_pair_table(options.source, options.out, options.root, **table_options(options, "video"))
     elif options.command == "precompute":
         counts = run_precompute(options)
+    elif options.command == "relabel":
+        counts = run_relabel(options)
     elif options.command == "user-embeddings":
         counts = run_user_embeddings(options)
     elif options.real:
@@ -226,6 +244,25 @@ def run_precompute(options: argparse.Namespace) -> dict:
         dtype=options.dtype,
         file_format=options.format,
     )
+
+
+def run_relabel(options: argparse.Namespace) -> dict:
+    import torch
+
+    from lightning_pref.evaluation import ScorerSpec
+    from lightning_pref.relabel import relabel_shards
+
+    report = relabel_shards(
+        options.source,
+        options.out,
+        ScorerSpec.parse(options.scorer),
+        tie_margin=options.tie_margin,
+        ties=options.ties,
+        batch_size=options.batch_size,
+        device=options.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        progress=True,
+    )
+    return {**report["counts"], "flip_fraction": report["flip_fraction"]}
 
 
 def run_user_embeddings(options: argparse.Namespace) -> dict:
