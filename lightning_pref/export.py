@@ -128,12 +128,16 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     if module.finetune == "lora" and not merge_lora:
         import diffusers
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         pipeline_class = getattr(diffusers, read_model_index(pretrained)["_class_name"])
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
-        pipeline_class.save_lora_weights(out, **{f"{folder}_lora_layers": layers}, safe_serialization=True)
+        # The keys as PEFT names them (diffusers' loaders read them for every family), and the adapter's config
+        # beside them: without it a loader assumes lora_alpha == rank.
+        adapter = {
+            f"{folder}_lora_layers": get_peft_model_state_dict(denoiser),
+            f"{folder}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
+        }
+        pipeline_class.save_lora_weights(out, **adapter, safe_serialization=True)
         return out
     if module.finetune == "lora":
         denoiser.fuse_lora()
