@@ -20,12 +20,24 @@ with ``losses/dmpo.py``, tested in ``tests/losses/test_dmpo.py``):
 | [`mapo`][lightning_pref.losses.mapo] | MaPO (reference-free) |
 | [`sspo`][lightning_pref.losses.sspo] | SSPO's Self-Sampling Regularization |
 | [`inversion_dpo`][lightning_pref.losses.inversion_dpo] | Inversion-DPO |
+| [`adaptive_dpo`][lightning_pref.losses.adaptive_dpo] | Adaptive-DPO: minority metric, weight and margin |
 | [`safeguard`][lightning_pref.losses.safeguard] | the loser-gradient safeguard (the base module's ``loser_safeguard``) |
 
 Options are checked once, by the ``check_*`` function next to each loss, which the method's constructor calls;
 the loss functions themselves do not re-check them on every step. Every name is importable from here.
 """
 
+from lightning_pref.losses.adaptive_dpo import (
+    AdaptiveLossKind,
+    MarginKind,
+    MinorityMetric,
+    WeightKind,
+    adaptive_dpo_loss,
+    check_adaptive_dpo_options,
+    minority_margin,
+    minority_metric,
+    minority_weight,
+)
 from lightning_pref.losses.common import (
     PreferenceLossKind,
     check_preference_loss_options,
@@ -61,6 +73,15 @@ from lightning_pref.losses.see_dpo import check_entropy_gamma, entropy_regulariz
 from lightning_pref.losses.sspo import SftBranch, SwitchMode, check_sspo_options, sspo_loss
 
 __all__ = [
+    "AdaptiveLossKind",
+    "MarginKind",
+    "MinorityMetric",
+    "WeightKind",
+    "adaptive_dpo_loss",
+    "check_adaptive_dpo_options",
+    "minority_margin",
+    "minority_metric",
+    "minority_weight",
     "SftBranch",
     "SwitchMode",
     "check_sspo_options",

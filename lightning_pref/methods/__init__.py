@@ -1,6 +1,7 @@
 """Preference methods: one LightningModule per method on
 [`PreferenceDiffusionModule`][lightning_pref.methods.base.PreferenceDiffusionModule]."""
 
+from lightning_pref.methods.adaptive_dpo import AdaptiveDPO
 from lightning_pref.methods.base import PreferenceDiffusionModule
 from lightning_pref.methods.diffusion_dpo import DiffusionDPO
 from lightning_pref.methods.dmpo import DMPO
@@ -19,6 +20,7 @@ from lightning_pref.methods.step import NoisySamples, SampleErrors, Samples
 from lightning_pref.seeding import PairRandomness
 
 __all__ = [
+    "AdaptiveDPO",
     "DMPO",
     "DPOClipMask",
     "DiffusionDPO",
