@@ -22,15 +22,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy as LightningModelParallelStrategy
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_pref import checkpoints
 
 #: How a refusal names the opt-in of the strategies below.
 STRATEGY_OPT_IN = "the strategy's trust_pickled_checkpoint=True (trainer.strategy.init_args)"
+
+
+def mean_across_ranks(value: Tensor) -> Tensor:
+    """The mean of a scalar over all processes (itself when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value = value / dist.get_world_size()
+    return value
 
 
 class PlainDataCheckpointLoading:

@@ -26,10 +26,10 @@ from lightning_pref.losses.importance import (
     timestep_bucket_means,
 )
 from lightning_pref.methods.base import PreferenceDiffusionModule
-from lightning_pref.methods.kto import mean_across_ranks
 from lightning_pref.methods.step import NoisySamples, SampleErrors, Samples, mean_squared_error
 from lightning_pref.processes import DDPMProcess
 from lightning_pref.seeding import PairRandomness
+from lightning_pref.strategies import mean_across_ranks
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from lightning_pref.batch import LABEL
@@ -18,15 +17,7 @@ from lightning_pref.losses.common import implicit_reward_margin, pairwise_metric
 from lightning_pref.losses.kto import check_kto_weights, kto_loss
 from lightning_pref.methods.base import PreferenceDiffusionModule
 from lightning_pref.methods.step import SampleErrors
-
-
-def mean_across_ranks(value: Tensor) -> Tensor:
-    """The mean of a scalar over all processes (itself when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return value
+from lightning_pref.strategies import mean_across_ranks
 
 
 class DiffusionKTO(PreferenceDiffusionModule):

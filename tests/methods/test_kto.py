@@ -67,16 +67,16 @@ def test_kto_fits_on_the_unpaired_datamodule(sd_backbone, tmp_path):
 
 def test_kto_reference_point_is_averaged_across_ranks(sd_backbone, monkeypatch):
     """Under DDP every rank uses the mean of the ranks' mean rewards; here a fake second rank holds 0.3."""
-    import lightning_pref.methods.kto as kto
+    import lightning_pref.strategies as strategies  # where mean_across_ranks reduces
 
     def all_reduce(value):  # sum over two ranks: this one and a fake one
         value += 0.3
 
     module = DiffusionKTO(sd_backbone)
     errors = step_errors(module, batch_of())
-    monkeypatch.setattr(kto.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(kto.dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(kto.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(strategies.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(strategies.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(strategies.dist, "all_reduce", all_reduce)
     _, metrics = module.compute_loss(errors, {})
     local = torch.cat([errors.ref_w - errors.policy_w, errors.ref_l - errors.policy_l]).mean()
     torch.testing.assert_close(metrics["reference_point"], ((local + 0.3) / 2).clamp(min=0))
