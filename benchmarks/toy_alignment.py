@@ -12,7 +12,11 @@ real image with a generated one (SSPO, SPIN-Diffusion), real winners rendered in
   winners' error rose by more than 25% is flagged as collapsed.
 
 Each row: the mean over training seeds with a 95% t-interval, and the paired difference from Diffusion-DPO's
-win rate on the same seeds with its own 95% t-interval. Every seed trains at once, in its own process with one
+win rate on the same seeds with its own 95% t-interval (a method trained on other data than the toy pairs is
+compared with Diffusion-DPO on that data: ``SAME_DATA_BASELINE``). A personalized method (PPD, two users on
+``lightning-pref data toy --users`` pairs) is measured per user (:func:`lightning_pref.toy.users.evaluate_users_against_base`):
+user 0 (warm, the table's reward) fills the row, and each other user's win rate under their own reward goes below
+the table. Every seed trains at once, in its own process with one
 thread (``--jobs``): five single-thread processes share two cores better than rounds of two, since a second
 thread speeds one seed up only about 1.4 times.
 Every summary records the commit and a hash of the library's code, the benchmark and the method's config;
@@ -42,11 +46,24 @@ from intervals import t_interval
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "examples" / "toy"
 BASELINE = "diffusion_dpo"
+#: the Diffusion-DPO row trained on the same data as a method that does not train on the toy pairs as they are
+SAME_DATA_BASELINE = {"adaptive_dpo": "diffusion_dpo_noisy_labels", "ppd": "diffusion_dpo_two_users"}
 TABLE_START, TABLE_END = "<!-- toy-alignment:start -->", "<!-- toy-alignment:end -->"
 
 
 def methods() -> list[str]:
     return sorted(path.stem for path in CONFIGS.glob("*.yaml"))
+
+
+def data_class(method: str) -> str:
+    """The name of the DataModule class a method's toy config trains with."""
+    import yaml
+
+    return yaml.safe_load((CONFIGS / f"{method}.yaml").read_text())["data"]["class_path"].rsplit(".", 1)[-1]
+
+
+def baseline_of(method: str) -> str:
+    return SAME_DATA_BASELINE.get(method, BASELINE)
 
 
 def code_hash() -> str:
@@ -78,7 +95,8 @@ def commit() -> str:
 
 # ------------------------------------------------------------------------------------------ shared inputs
 def shared_inputs(args: argparse.Namespace) -> dict[str, Path]:
-    """Training pairs, held-out pairs and the base model's held-out samples: made once, reused by every run."""
+    """Training pairs, held-out pairs and the base model's held-out samples: made once, reused by every run (and
+    two-user pairs when ``args.method`` trains on them)."""
     import torch
     from safetensors.torch import save_file
 
@@ -89,10 +107,12 @@ def shared_inputs(args: argparse.Namespace) -> dict[str, Path]:
         generate_toy_winners,
         sample_images,
     )
+    from lightning_pref.toy.users import generate_two_user_preferences
 
     paths = {
         "train": args.out / f"data-{args.pairs}",
         "real": args.out / f"real-{args.pairs}",
+        "users": args.out / f"users-{args.pairs}",
         "heldout": args.out / f"heldout-{args.heldout_pairs}",
         "base_samples": args.out / f"base-samples-{args.eval_seeds}.safetensors",
     }
@@ -102,6 +122,11 @@ def shared_inputs(args: argparse.Namespace) -> dict[str, Path]:
     if not (paths["real"] / "info.json").exists():
         info = generate_toy_winners(paths["real"], args.pairs, seed=0)
         print(f"real winners: {info['counts']}", flush=True)
+    if data_class(args.method) == "UserPreferenceDataModule" and not (paths["users"] / "info.json").exists():
+        info = generate_two_user_preferences(
+            paths["users"], args.pairs, pipeline=args.pretrained, seed=0, progress=True
+        )
+        print(f"two-user pairs: {info['counts']}", flush=True)
     if not (paths["heldout"] / "info.json").exists():
         info = generate_toy_preferences(
             paths["heldout"],
@@ -124,16 +149,15 @@ def shared_inputs(args: argparse.Namespace) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------------ one seed (worker)
-def training_data(config: Path, paths: dict[str, Path]) -> list[str]:
+def training_data(method: str, paths: dict[str, Path]) -> list[str]:
     """What a method's config trains on: real winners for an ``UnpairedDataModule`` or a ``SelfPlayDataModule``,
-    nothing for a ``PromptDataModule`` (online pairs from the prompts its config lists), else the toy pairs."""
-    import yaml
-
-    data_class = yaml.safe_load(config.read_text())["data"]["class_path"].rsplit(".", 1)[-1]
-    if data_class == "PromptDataModule":
+    two-user pairs for a ``UserPreferenceDataModule``, nothing for a ``PromptDataModule`` (online pairs from the
+    prompts its config lists), else the toy pairs."""
+    data = data_class(method)
+    if data == "PromptDataModule":
         return []
-    shards = paths["real"] if data_class in ("UnpairedDataModule", "SelfPlayDataModule") else paths["train"]
-    return ["--data.init_args.train_shards", f"{shards}/*.tar"]
+    shards = {"UnpairedDataModule": "real", "SelfPlayDataModule": "real", "UserPreferenceDataModule": "users"}
+    return ["--data.init_args.train_shards", f"{paths[shards.get(data, 'train')]}/*.tar"]
 
 
 def train_and_evaluate(args: argparse.Namespace, seed: int) -> dict:
@@ -142,7 +166,9 @@ def train_and_evaluate(args: argparse.Namespace, seed: int) -> dict:
     from safetensors.torch import load_file
 
     from lightning_pref.cli import PreferenceCLI, quiet_libraries
+    from lightning_pref.methods.ppd import PPD
     from lightning_pref.toy.evaluation import evaluate_against_base
+    from lightning_pref.toy.users import evaluate_users_against_base
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
     quiet_libraries()
@@ -157,7 +183,7 @@ def train_and_evaluate(args: argparse.Namespace, seed: int) -> dict:
         str(seed),
         "--data.init_args.seed",
         str(seed),
-        *training_data(CONFIGS / f"{args.method}.yaml", paths),
+        *training_data(args.method, paths),
         "--trainer.default_root_dir",
         str(run_dir),
         "--trainer.logger",
@@ -179,9 +205,11 @@ def train_and_evaluate(args: argparse.Namespace, seed: int) -> dict:
     module = PreferenceCLI(args=["fit", *cli_args]).model
     trained = time.perf_counter()
     module.eval()
-    result = evaluate_against_base(
-        module.backbone, load_file(paths["base_samples"])["images"], args.eval_seeds, paths["heldout"]
-    )
+    base_images = load_file(paths["base_samples"])["images"]
+    if isinstance(module, PPD):
+        result = evaluate_users_against_base(module, base_images, args.eval_seeds, paths["heldout"])
+    else:
+        result = evaluate_against_base(module.backbone, base_images, args.eval_seeds, paths["heldout"])
     return {"seed": seed, **result, "train_seconds": trained - start, "eval_seconds": time.perf_counter() - trained}
 
 
@@ -274,7 +302,7 @@ def row_statistics(summary: dict, baseline: dict | None) -> dict:
     stats["collapsed"] = sum(run["collapsed"] for run in runs)
     stats["seeds"] = len(runs)
     stats["vs_baseline"] = None
-    if baseline is not None and summary is not baseline:
+    if baseline is not None and baseline["name"] != summary["name"]:
         theirs = {run["seed"]: run["win_rate"] for run in baseline["runs"]}
         shared = [run for run in runs if run["seed"] in theirs]
         if len(shared) >= 2:
@@ -293,23 +321,29 @@ def table(summaries: list[dict], command: str) -> str:
     if len(codes) > 1:
         rows = ", ".join(f"{s['name']}: {s['code']} ({s['commit']})" for s in summaries)
         raise SystemExit(f"the saved rows come from different code ({rows}): rerun the stale rows with --method NAME.")
-    baseline = next((s for s in summaries if s["name"] == BASELINE), None)
+    by_name = {summary["name"]: summary for summary in summaries}
     first = summaries[0]
     lines = [
         f"Command: `{command}` (code {first['code']}, commit {first['commit']}; {first['settings']['pairs']} candidate "
         f"pairs; {4 * first['settings']['eval_seeds_per_prompt']} held-out samples per seed)",
         "",
-        "| method | seeds | win rate vs base, % (95% CI) | vs Diffusion-DPO, points (95% CI) | reward base -> tuned "
+        "| method | seeds | win rate vs base, % (95% CI) | vs Diffusion-DPO on the same data, points (95% CI) "
+        "| reward base -> tuned "
         "| warmth | shape agreement | held-out error change, winners / losers | collapsed | s / row |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    per_user = []
     for summary in summaries:
-        stats = row_statistics(summary, baseline)
+        baseline_name = baseline_of(summary["method"])
+        stats = row_statistics(summary, by_name.get(baseline_name))
         versus = (
             "(baseline)"
-            if summary is baseline
+            if summary["name"] == BASELINE
             else (percent_interval(stats["vs_baseline"], signed=True) if stats["vs_baseline"] else "n/a")
         )
+        if stats["vs_baseline"] and baseline_name != BASELINE:
+            versus += f" (vs {baseline_name})"
+        per_user += user_lines(summary)
         lines.append(
             f"| {summary['name']} | {stats['seeds']} | {percent_interval(stats['win_rate_ci'])} | {versus} "
             f"| {stats['base_reward']:.3f} -> {stats['tuned_reward']:.3f} "
@@ -318,7 +352,20 @@ def table(summaries: list[dict], command: str) -> str:
             f"| {100 * stats['winner_error_change']:+.1f}% / {100 * stats['loser_error_change']:+.1f}% "
             f"| {stats['collapsed']} of {stats['seeds']} | {summary['wall_seconds']:.0f} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + per_user if per_user else []))
+
+
+def user_lines(summary: dict) -> list[str]:
+    """For a per-user row, one line per user after the first: their win rate under their own reward."""
+    runs = summary["runs"]
+    keys = sorted(key for key in runs[0] if key.endswith("_win_rate") and not key.startswith("user0_"))
+    return [
+        f"* {summary['name']}, {key.removesuffix('_win_rate').replace('_', ' (')} user): win rate vs base under "
+        f"that user's reward {percent_interval(t_interval([run[key] for run in runs]))}%, warmth "
+        f"{statistics.fmean(run['base_warmth'] for run in runs):.2f} -> "
+        f"{statistics.fmean(run[key.split('_')[0] + '_warmth'] for run in runs):.2f}"
+        for key in keys
+    ]
 
 
 def write_table(markdown: str, path: Path) -> None:
@@ -387,9 +434,9 @@ def main() -> None:
         markdown = table(summaries, "python benchmarks/toy_alignment.py --all")
         write_table(markdown, args.docs)
     else:
-        baseline_path = args.out / BASELINE / "summary.json"
-        baseline = [json.loads(baseline_path.read_text())] if baseline_path.exists() and args.name != BASELINE else []
-        same_code = [s for s in baseline if s["code"] == summaries[0]["code"]]
+        baselines = [args.out / name / "summary.json" for name in dict.fromkeys([BASELINE, baseline_of(args.method)])]
+        saved = [json.loads(path.read_text()) for path in baselines if path.exists() and path.parent.name != args.name]
+        same_code = [s for s in saved if s["code"] == summaries[0]["code"]]
         markdown = table(same_code + summaries, f"python benchmarks/toy_alignment.py --method {args.method}")
     print(markdown)
 

@@ -47,10 +47,11 @@ def win_rate(tuned: torch.Tensor, base: torch.Tensor) -> float:
 
 
 def compare_with_base(
-    base_images: torch.Tensor, tuned_images: torch.Tensor, prompts: Sequence[str]
+    base_images: torch.Tensor, tuned_images: torch.Tensor, prompts: Sequence[str], preference: str = "warm"
 ) -> dict[str, float]:
-    """Win rate of tuned over base images drawn from the same noise, and the mean reward and its parts of each."""
-    reward = ToyPreferenceReward("warm")
+    """Win rate of tuned over base images drawn from the same noise under ``ToyPreferenceReward(preference)``, and
+    the mean reward and its parts of each."""
+    reward = ToyPreferenceReward(preference)
     tuned_reward, base_reward = reward.score(tuned_images, prompts), reward.score(base_images, prompts)
     result = {
         "win_rate": win_rate(tuned_reward, base_reward),
@@ -64,13 +65,22 @@ def compare_with_base(
 
 
 @torch.no_grad()
-def error_drift(tuned: Backbone, base: Backbone, pairs: str | Path, draws: int = 2, seed: int = 0) -> dict[str, float]:
+def error_drift(
+    tuned: Backbone,
+    base: Backbone,
+    pairs: str | Path,
+    draws: int = 2,
+    seed: int = 0,
+    tuned_denoiser: torch.nn.Module | None = None,
+) -> dict[str, float]:
     """Relative change of the denoising error, tuned over base, on the held-out pairs in the shards ``pairs``.
 
     Every pair is noised ``draws`` times with (t, eps) seeded by ``seed`` and its position, the same for both
     models and for winner and loser. Returns ``winner_error_change`` and ``loser_error_change``:
-    ``mean err_tuned / mean err_base - 1`` over all winners (losers).
+    ``mean err_tuned / mean err_base - 1`` over all winners (losers). ``tuned_denoiser``: the tuned model's
+    network when it is not ``tuned.denoiser`` (a PPD user's [`UserConditioned`][lightning_pref.adapters.UserConditioned]).
     """
+    denoisers = (tuned.denoiser if tuned_denoiser is None else tuned_denoiser, base.denoiser)
     data = PreferenceDataModule(str(pairs), val_shards=str(pairs), batch_size=64, num_workers=0)
     generator = torch.Generator().manual_seed(seed)
     totals = torch.zeros(2, 2, dtype=torch.float64)  # (tuned, base) x (winners, losers)
@@ -84,12 +94,9 @@ def error_drift(tuned: Backbone, base: Backbone, pairs: str | Path, draws: int =
             noise = torch.randn(x0[:num_pairs].shape, generator=generator).repeat(2, *([1] * (x0.ndim - 1)))
             x_t, target = tuned.process.add_noise(x0, noise, t), tuned.process.target(x0, noise, t)
             model_t = tuned.process.model_timesteps(t)
-            for row, backbone in enumerate((tuned, base)):
+            for row, (backbone, denoiser) in enumerate(zip((tuned, base), denoisers)):
                 error = (
-                    (backbone.predict(backbone.denoiser, x_t, model_t, conditioning).float() - target)
-                    .pow(2)
-                    .flatten(1)
-                    .mean(1)
+                    (backbone.predict(denoiser, x_t, model_t, conditioning).float() - target).pow(2).flatten(1).mean(1)
                 )
                 totals[row] += torch.stack([part.sum() for part in error.chunk(2)]).double()
     change = totals[0] / totals[1] - 1
@@ -102,20 +109,24 @@ def evaluate_against_base(
     seeds_per_prompt: int,
     heldout_pairs: str | Path,
     progress: bool = False,
+    denoiser: torch.nn.Module | None = None,
 ) -> dict[str, float]:
     """Win rate, rewards and drift of ``tuned`` against the base model of its pipeline (``tuned.pretrained``).
 
     ``base_images``: the base model's held-out samples when already drawn (the benchmark draws them once for
-    every method and seed); ``None`` samples them here.
+    every method and seed); ``None`` samples them here. ``denoiser``: the tuned network when it is not
+    ``tuned.denoiser`` (see [`error_drift`][lightning_pref.toy.evaluation.error_drift]).
     """
     base = type(tuned)(tuned.pretrained).eval()
     prompts, seeds = heldout_samples(seeds_per_prompt)
     if base_images is None:
         base_images = sample_images(base, prompts, seeds, progress="sampling the base model" if progress else None)
-    tuned_images = sample_images(tuned, prompts, seeds, progress="sampling the tuned model" if progress else None)
+    tuned_images = sample_images(
+        tuned, prompts, seeds, denoiser=denoiser, progress="sampling the tuned model" if progress else None
+    )
     result = compare_with_base(base_images, tuned_images, prompts)
     result["samples"] = len(prompts)
-    result.update(error_drift(tuned, base, heldout_pairs))
+    result.update(error_drift(tuned, base, heldout_pairs, tuned_denoiser=denoiser))
     result["collapsed"] = result["winner_error_change"] > DRIFT_LIMIT
     return result
 

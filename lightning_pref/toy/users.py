@@ -8,7 +8,7 @@ Two kinds of two-user preference shards, each pair with its ``user_id`` (0 or 1)
   twice with the same jitter, once in a warm and once in a cool colour, the user's preferred one the winner.
   Cheap and noise-free: for tests and quick demonstrations.
 
-``compare_users_with_base`` measures a tuned PPD module the way the toy benchmark measures other methods:
+``evaluate_users_against_base`` measures a tuned PPD module the way the toy benchmark measures other methods:
 per user, its held-out samples against the base model's from identical noise, under that user's reward.
 """
 
@@ -22,19 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_pref.adapters import UserConditioned
 from lightning_pref.datamodules.shards import write_preference_shards
 from lightning_pref.errors import ConfigError
-from lightning_pref.losses import win_fraction
-from lightning_pref.rewards import WarmthReward
-from lightning_pref.toy.evaluation import heldout_samples
-from lightning_pref.toy.preferences import (
-    GUIDANCE_SCALE,
-    PREFERRED_COLORS,
-    SAMPLING_STEPS,
-    TRAIN_PROMPTS,
-    ToyPreferenceReward,
-    generate_toy_preferences,
-)
+from lightning_pref.generation import evaluating
+from lightning_pref.toy.evaluation import compare_with_base, evaluate_against_base, heldout_samples
+from lightning_pref.toy.preferences import PREFERRED_COLORS, TRAIN_PROMPTS, generate_toy_preferences, sample_images
 from lightning_pref.toy.world import BACKGROUNDS, parse_prompt, render
 
 #: each user's preference; the user id is the position
@@ -97,22 +90,30 @@ def write_rendered_user_pairs(
 
 
 @torch.no_grad()
-def compare_users_with_base(module: Any, user_embeddings: Sequence[torch.Tensor], seeds_per_prompt: int = 8) -> dict:
-    """Per user ``i`` (preference ``TWO_USERS[i]``, embedding ``user_embeddings[i]``): the win rate of the user's
-    held-out samples over the base model's (``module`` without a user) from identical noise, under the user's
-    ``ToyPreferenceReward``, and the mean warmth of both. ``module``: a PPD module."""
-    if len(user_embeddings) != len(TWO_USERS):
-        raise ConfigError(f"give one embedding per toy user ({len(TWO_USERS)}), not {len(user_embeddings)}.")
+def evaluate_users_against_base(
+    module: Any, base_images: torch.Tensor | None, seeds_per_prompt: int, heldout_pairs: str | Path
+) -> dict[str, float]:
+    """A two-user PPD ``module`` (a learned table, ``num_users: 2``) measured as the toy benchmark measures every
+    method, per user: the user's held-out samples against the base model's from identical noise.
+
+    User 0 (warm, the benchmark's own reward) fills the keys of
+    [`evaluate_against_base`][lightning_pref.toy.evaluation.evaluate_against_base] (win rate, rewards, drift on the
+    warm-labelled held-out pairs), so the row compares with every other method's. Every user ``i`` adds
+    ``user{i}_{preference}_win_rate`` under their own ``ToyPreferenceReward`` and ``user{i}_warmth``.
+    ``base_images``: as in ``evaluate_against_base``.
+    """
     prompts, seeds = heldout_samples(seeds_per_prompt)
-    settings = dict(num_inference_steps=SAMPLING_STEPS, guidance_scale=GUIDANCE_SCALE)
-    base = module.generate(prompts, seeds, **settings).cpu()
-    warmth = WarmthReward()
-    result = {"samples": len(prompts), "base_warmth": warmth.score(base, prompts).mean().item()}
-    for user, (preference, embedding) in enumerate(zip(TWO_USERS, user_embeddings)):
-        tuned = module.generate(prompts, seeds, user_embedding=embedding, **settings).cpu()
-        reward = ToyPreferenceReward(preference)
-        result[f"user{user}_{preference}_win_rate"] = win_fraction(
-            reward.score(tuned, prompts), reward.score(base, prompts)
-        ).item()
-        result[f"user{user}_warmth"] = warmth.score(tuned, prompts).mean().item()
+    if base_images is None:
+        base_images = sample_images(type(module.backbone)(module.backbone.pretrained).eval(), prompts, seeds)
+    with evaluating(module):
+        users = [UserConditioned(module.denoiser, module.embedding_of(user)) for user in range(len(TWO_USERS))]
+        result = evaluate_against_base(module.backbone, base_images, seeds_per_prompt, heldout_pairs, denoiser=users[0])
+        result |= {"user0_warm_win_rate": result["win_rate"], "user0_warmth": result["tuned_warmth"]}
+        for user, preference in enumerate(TWO_USERS[1:], start=1):
+            tuned_images = sample_images(module.backbone, prompts, seeds, denoiser=users[user])
+            scores = compare_with_base(base_images, tuned_images, prompts, preference)
+            result |= {
+                f"user{user}_{preference}_win_rate": scores["win_rate"],
+                f"user{user}_warmth": scores["tuned_warmth"],
+            }
     return result

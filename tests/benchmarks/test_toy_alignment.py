@@ -35,6 +35,16 @@ def test_rows_record_their_code_drift_and_difference_from_diffusion_dpo_and_neve
     kto_row = next(line for line in table.splitlines() if line.startswith("| kto |"))
     assert kto_row.split(" | ")[3].startswith(("+", "-"))  # a paired difference with its interval
 
+    # PPD trains on two-user pairs (made on first use) and is measured per user: user 0 (warm) in the row,
+    # user 1 (cool, under the cool reward) below the table.
+    result = run(["--method", "ppd", *TINY], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "users-16" / "info.json").exists()
+    ppd = json.loads((tmp_path / "ppd" / "summary.json").read_text())
+    for run_ in ppd["runs"]:
+        assert run_["user0_warm_win_rate"] == run_["win_rate"] and 0.0 <= run_["user1_cool_win_rate"] <= 1.0
+    assert "| ppd | 2 |" in result.stdout and "* ppd, user1 (cool user): win rate vs base" in result.stdout
+
     # The table refuses rows of different code: every method's summary present, one from other code.
     for path in (REPO / "examples" / "toy").glob("*.yaml"):
         summary = dict(kto, method=path.stem, name=path.stem)

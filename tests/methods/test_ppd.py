@@ -18,8 +18,8 @@ from lightning_pref.rewards import WarmthReward
 from lightning_pref.tiny import write_tiny_sd3_pipeline
 from lightning_pref.toy import BASE_MODEL_PATH
 from lightning_pref.toy.evaluation import heldout_samples
-from lightning_pref.toy.preferences import GUIDANCE_SCALE, SAMPLING_STEPS
-from lightning_pref.toy.users import compare_users_with_base, write_rendered_user_pairs
+from lightning_pref.toy.preferences import GUIDANCE_SCALE, HELDOUT_PROMPTS, SAMPLING_STEPS
+from lightning_pref.toy.users import evaluate_users_against_base, write_rendered_user_pairs
 from lightning_pref.users import interpolate_users
 
 USER_DIM, USER_TOKENS = 6, 2
@@ -223,13 +223,15 @@ def two_user_ppd(shards):
 
 
 def test_each_user_moves_their_way_and_interpolating_the_two_moves_the_reward_monotonically(tmp_path):
-    toy_ppd = two_user_ppd(tmp_path)
-    warm, cool = toy_ppd.embedding_of(0), toy_ppd.embedding_of(1)
-    result = compare_users_with_base(toy_ppd, [warm, cool], seeds_per_prompt=4)
-    assert result["user0_warmth"] > result["base_warmth"] > result["user1_warmth"]
-    assert result["user0_warm_win_rate"] > 0.5 and result["user1_cool_win_rate"] > 0.5
+    toy_ppd = two_user_ppd(tmp_path / "train")
+    write_rendered_user_pairs(tmp_path / "heldout", num_pairs=8, prompts=HELDOUT_PROMPTS)
+    result = evaluate_users_against_base(toy_ppd, None, seeds_per_prompt=4, heldout_pairs=tmp_path / "heldout")
+    assert result["user0_warmth"] == result["tuned_warmth"] > result["base_warmth"] > result["user1_warmth"]
+    assert result["user0_warm_win_rate"] == result["win_rate"] > 0.5 and result["user1_cool_win_rate"] > 0.5
+    assert {"winner_error_change", "loser_error_change", "collapsed"} <= result.keys()
 
-    prompts, seeds = heldout_samples(4)  # the same prompts and noise as compare_users_with_base's
+    warm, cool = toy_ppd.embedding_of(0), toy_ppd.embedding_of(1)
+    prompts, seeds = heldout_samples(4)  # the same prompts and noise as evaluate_users_against_base's
     settings = dict(num_inference_steps=SAMPLING_STEPS, guidance_scale=GUIDANCE_SCALE)
     between = [
         WarmthReward()
