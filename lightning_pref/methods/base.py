@@ -542,9 +542,9 @@ class PreferenceDiffusionModule(pl.LightningModule):
     # --------------------------------------------------------------------------------------- logging
     def logs_this_step(self) -> bool:
         """Whether the logger writes this training step's values: every ``trainer.log_every_n_steps`` optimizer
-        steps (Lightning's own rule). The loss is logged at every step (the progress bar); the other per-step
-        metrics only then, since each value logged costs Lightning about half a millisecond, which on a small
-        model is several percent of the step."""
+        steps (Lightning's own rule). Per-step values are logged only then (and the loss at every step while a
+        progress bar shows it), since each value logged costs Lightning about a millisecond, which on a small model
+        is a few percent of the step."""
         trainer = self._trainer
         if trainer is None:  # outside a fit (a step called by hand): nothing is logged
             return False
@@ -552,12 +552,20 @@ class PreferenceDiffusionModule(pl.LightningModule):
         return bool(trainer.fast_dev_run) or (bool(every) and (self.global_step + 1) % every == 0)
 
     def log_metrics(self, stage: str, loss: Tensor, metrics: dict[str, Tensor], batch_size: int) -> None:
-        """The loss, and (validation, or a training step the logger writes: ``logs_this_step``) the metrics."""
+        """Validation: the loss and the metrics. Training: the loss at every step while a progress bar shows it,
+        and, on the steps the logger writes (``logs_this_step``), the loss and the metrics."""
         on_step = stage == "train"
-        self.log(
-            f"{stage}/loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=batch_size
-        )
-        if on_step and not self.logs_this_step():
+        logs = not on_step or self.logs_this_step()
+        if logs or self.trainer.progress_bar_callback is not None:
+            self.log(
+                f"{stage}/loss",
+                loss.detach(),
+                prog_bar=True,
+                on_step=on_step,
+                on_epoch=not on_step,
+                batch_size=batch_size,
+            )
+        if not logs:
             return
         self.log_dict(
             {f"{stage}/{name}": value for name, value in metrics.items()},

@@ -247,7 +247,10 @@ def test_gradient_checkpointing_follows_the_backbone_unless_set(sd_backbone, tmp
     assert not any(getattr(m, "gradient_checkpointing", False) for m in DiffusionDPO(sd_backbone).denoiser.modules())
 
 
-def test_the_loss_is_logged_every_step_and_the_other_metrics_on_the_steps_the_logger_writes(sd_backbone, tmp_path):
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_the_metrics_are_logged_on_the_steps_the_logger_writes_and_the_loss_every_step_a_bar_shows(
+    sd_backbone, tmp_path, progress_bar
+):
     class RecordingDPO(DiffusionDPO):
         def log(self, name, value, *args, **kwargs):
             self.logged.append((self.global_step, name))
@@ -255,7 +258,9 @@ def test_the_loss_is_logged_every_step_and_the_other_metrics_on_the_steps_the_lo
 
     module = RecordingDPO(sd_backbone)
     module.logged = []
-    trainer(tmp_path, 6, log_every_n_steps=3).fit(module, pair_loader(num_pairs=12, batch_size=2))
-    assert [step for step, name in module.logged if name == "train/loss"] == list(range(6))
+    fit = trainer(tmp_path, 6, log_every_n_steps=3, enable_progress_bar=progress_bar)
+    fit.fit(module, pair_loader(num_pairs=12, batch_size=2))
     # Lightning writes after optimizer steps 3 and 6 (global_step 2 and 5 while they train)
     assert sorted({step for step, name in module.logged if name == "train/implicit_acc"}) == [2, 5]
+    loss_steps = [step for step, name in module.logged if name == "train/loss"]
+    assert loss_steps == (list(range(6)) if progress_bar else [2, 5])

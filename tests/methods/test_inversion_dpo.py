@@ -334,6 +334,10 @@ def test_the_example_configs_parse(capsys):
     assert (model["finetune"], model["lr"], model["warmup_steps"], model["caption_dropout"]) == ("full", 2e-5, 20, 0.1)
     assert toy["trainer"]["max_steps"] == 140 and toy["data"]["init_args"]["batch_size"] == 16
     assert (model["target"], model["sign"]) == ("inverted_noise", "dpo")
+    released = printed_config("toy/inversion_dpo_released.yaml", capsys)
+    released_model = released["model"]["init_args"]
+    assert (released_model["target"], released_model["sign"]) == ("reference", "code")
+    assert {**released_model, "target": "inverted_noise", "sign": "dpo"} == model  # the loss alone differs
     sd15 = printed_config("sd15_inversion_dpo.yaml", capsys)
     sd15_model = sd15["model"]["init_args"]
     assert sd15["model"]["class_path"].endswith(".InversionDPO")
