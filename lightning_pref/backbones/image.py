@@ -1,8 +1,9 @@
-"""What the text-to-image backbones (SD1.5, SDXL, SD3) share.
+"""What the text-to-image backbones (SD1.5, SDXL, SD3, FLUX.1) share.
 
 Square latents at the denoiser's ``sample_size``, an optional ``AutoencoderKL`` between ``(B, C, H, W)``
 pixels in [-1, 1] and latents, and fixed-length tokenization. The families load the parts and say how
-prompts are encoded and how the denoiser is called.
+prompts are encoded and how the denoiser is called. SD3 and FLUX.1 also share their MMDiT's conditioning
+(``MMDiTMixin``).
 """
 
 from __future__ import annotations
@@ -62,3 +63,25 @@ class ImagePipelineMixin:
         shift = self.vae.config.shift_factor or 0.0
         latents = latents / self.vae.config.scaling_factor + shift
         return self.vae.decode(latents.to(self.vae.dtype)).sample
+
+
+class MMDiTMixin(ImagePipelineMixin):
+    """What SD3 and FLUX.1 share (mixed in before ``Backbone``): a billion-parameter MMDiT conditioned on T5's
+    hidden states (``encoder_hidden_states``, the transformer's ``joint_attention_dim`` wide) and pooled CLIP
+    embeddings (``pooled_projections``, ``pooled_projection_dim`` wide), both replaced under caption dropout."""
+
+    prompt_keys = ("encoder_hidden_states", "pooled_projections")
+    #: the joint attention's image projections and, where a block has them, its text (context) projections.
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    gradient_checkpointing_by_default = True
+    max_sequence_length: int
+
+    def t5_hidden_states(self, tokenizer: Any, text_encoder: nn.Module, prompts: list[str]) -> Tensor:
+        """T5's last hidden states of ``max_sequence_length`` tokens (at most the tokenizer's ``model_max_length``),
+        in the denoiser's dtype."""
+        length = min(self.max_sequence_length, tokenizer.model_max_length)
+        return text_encoder(self.tokenize(tokenizer, prompts, length))[0].to(self.denoiser.dtype)
+
+    def conditioning_widths(self) -> dict[str, int]:
+        config = self.denoiser.config
+        return {"encoder_hidden_states": config.joint_attention_dim, "pooled_projections": config.pooled_projection_dim}

@@ -18,12 +18,12 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
 from lightning_pref.backbones.base import Backbone, Conditioning
-from lightning_pref.backbones.image import ImagePipelineMixin
+from lightning_pref.backbones.image import MMDiTMixin
 from lightning_pref.backbones.loading import frozen, has_component, read_model_index, torch_dtype
 from lightning_pref.processes import FlowMatchingProcess
 
 
-class StableDiffusion3Backbone(ImagePipelineMixin, Backbone):
+class StableDiffusion3Backbone(MMDiTMixin, Backbone):
     """SD3/SD3.5 pipeline: flow matching ``x_t = (1 - s) x0 + s eps``, velocity target ``eps - x0``.
 
     The noise process comes from the checkpoint's ``FlowMatchEulerDiscreteScheduler`` config (its ``shift``,
@@ -40,11 +40,6 @@ class StableDiffusion3Backbone(ImagePipelineMixin, Backbone):
         text_encoder_dtype: dtype the frozen T5 is held in (``bfloat16`` by default: T5-XXL's 4.7B weights take
             9.5 GB instead of 19 GB on every GPU); its states reach the denoiser in the denoiser's dtype.
     """
-
-    prompt_keys = ("encoder_hidden_states", "pooled_projections")
-    #: the joint attention's image projections and, where a block has them, its text (context) projections.
-    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-    gradient_checkpointing_by_default = True
 
     def __init__(
         self,
@@ -111,12 +106,7 @@ class StableDiffusion3Backbone(ImagePipelineMixin, Backbone):
         if self.text_encoder_3 is None:
             width = self.denoiser.config.joint_attention_dim
             return torch.zeros(len(prompts), self.max_sequence_length, width, device=self.device)
-        length = min(self.max_sequence_length, self.tokenizer_3.model_max_length)
-        return self.text_encoder_3(self.tokenize(self.tokenizer_3, prompts, length))[0].to(self.denoiser.dtype)
-
-    def conditioning_widths(self) -> dict[str, int]:
-        config = self.denoiser.config
-        return {"encoder_hidden_states": config.joint_attention_dim, "pooled_projections": config.pooled_projection_dim}
+        return self.t5_hidden_states(self.tokenizer_3, self.text_encoder_3, prompts)
 
     def predict(self, denoiser: nn.Module, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor:
         """The velocity ``eps - x0``; ``timesteps`` are ``s * 1000``, as the scheduler hands them out."""
