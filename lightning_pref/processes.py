@@ -6,7 +6,7 @@ Two families cover every backbone of the library:
   epsilon target or a v target ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0``; built from the checkpoint's
   diffusers scheduler config so the training noise matches its schedule exactly (CogVideoX's included).
 * ``FlowMatchingProcess`` (SD3, FLUX, Wan2.1): ``x_t = (1 - s) x0 + s eps`` with ``s`` in [0, 1] and the
-  velocity target ``eps - x0``.
+  velocity target ``eps - x0``; ``FluxFlowMatchingProcess`` adds FLUX.1's resolution-dependent shift and sampler.
 
 A process draws *process time* ``t`` (an integer step for DDPM, a float ``s`` for flow matching) and
 converts it to what the denoiser is fed with ``NoiseProcess.model_timesteps``.
@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from diffusers import CogVideoXDDIMScheduler, DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from torch import Tensor
@@ -419,6 +420,64 @@ class FlowMatchingProcess(NoiseProcess):
 
     def x0_error_scale(self, t: Tensor) -> Tensor:
         return t.cpu().double() ** 2  # x0_hat - x0 = -s (v_hat - v)
+
+
+def image_token_shift(image_seq_len: int, scheduler_config: dict[str, Any]) -> float:
+    """FLUX.1's ``mu`` for ``image_seq_len`` image tokens: linear from ``base_shift`` at ``base_image_seq_len`` tokens
+    to ``max_shift`` at ``max_image_seq_len`` (0.5 at 256, 1.15 at 4096: 1.15 at 1024 x 1024 pixels), as
+    ``FluxPipeline`` computes it from the scheduler config. The time shift it stands for is ``exp(mu)``:
+    ``exp(mu) / (exp(mu) + 1 / s - 1) = shift s / (1 + (shift - 1) s)`` with ``shift = exp(mu)``."""
+    low, high = scheduler_config.get("base_image_seq_len", 256), scheduler_config.get("max_image_seq_len", 4096)
+    low_shift, high_shift = scheduler_config.get("base_shift", 0.5), scheduler_config.get("max_shift", 1.15)
+    slope = (high_shift - low_shift) / (high - low)
+    return low_shift + slope * (image_seq_len - low)
+
+
+class FluxEulerScheduler(FlowMatchEulerDiscreteScheduler):
+    """``FlowMatchEulerDiscreteScheduler`` as ``FluxPipeline`` drives it: ``set_timesteps(N)`` places the ``N`` sigmas
+    at ``linspace(1, 1/N, N)`` and shifts them by ``mu`` (the attribute, set by
+    [`FluxFlowMatchingProcess`][lightning_pref.processes.FluxFlowMatchingProcess]) under ``use_dynamic_shifting``, by
+    the config's ``shift`` otherwise (FLUX.1-schnell: 1, no shift)."""
+
+    mu: float | None = None
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, **options: Any) -> None:
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        super().set_timesteps(sigmas=sigmas, mu=self.mu, device=device, **options)
+
+
+class FluxFlowMatchingProcess(FlowMatchingProcess):
+    """FLUX.1's rectified flow: ``FlowMatchingProcess`` with the shift of the image token count.
+
+    A checkpoint whose scheduler says ``use_dynamic_shifting`` (FLUX.1-dev) shifts the sampler's times by
+    ``exp(mu)``, ``mu = image_token_shift(image_seq_len)`` (the resolution-dependent shift of the SD3 paper, Esser et
+    al. 2024). Training times get the same shift by default: the training noise levels then follow the
+    sampler's at that resolution, as SD3's fixed shift does for SD3 (and as the ``flux_shift`` time sampling of
+    kohya-ss/sd-scripts does); ``exp(1.15) = 3.16`` at 1024 x 1024 pixels. Diffusers' DreamBooth-FLUX scripts draw
+    unshifted times instead (their dynamic-shifting scheduler keeps its training sigmas unshifted): pass
+    ``shift=1.0`` for that. A checkpoint without dynamic shifting (FLUX.1-schnell) uses its config's ``shift`` (1).
+
+    Args:
+        scheduler_config: the checkpoint's ``FlowMatchEulerDiscreteScheduler`` config.
+        image_seq_len: image tokens (2 x 2 latent patches) at the resolution the sampler generates.
+        shift: the training times' shift; ``None``: ``exp(mu)`` under dynamic shifting, else the config's ``shift``.
+        options: the other [`FlowMatchingProcess`][lightning_pref.processes.FlowMatchingProcess] options.
+    """
+
+    def __init__(
+        self, scheduler_config: dict[str, Any], image_seq_len: int, shift: float | None = None, **options: Any
+    ):
+        dynamic = bool(scheduler_config.get("use_dynamic_shifting", False))
+        self.mu = image_token_shift(image_seq_len, scheduler_config) if dynamic else None
+        if shift is None:
+            shift = math.exp(self.mu) if dynamic else scheduler_config.get("shift", 1.0)
+        super().__init__(num_train_timesteps=scheduler_config.get("num_train_timesteps", 1000), shift=shift, **options)
+        self.scheduler_config = dict(scheduler_config)
+
+    def sampling_scheduler(self) -> FluxEulerScheduler:
+        scheduler = FluxEulerScheduler.from_config(self.scheduler_config)
+        scheduler.mu = self.mu
+        return scheduler
 
 
 @dataclass

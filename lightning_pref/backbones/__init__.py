@@ -2,6 +2,7 @@
 
 from lightning_pref.backbones.base import Backbone, Conditioning, concat_conditioning
 from lightning_pref.backbones.cogvideox import CogVideoXBackbone
+from lightning_pref.backbones.flux import FluxBackbone
 from lightning_pref.backbones.sd3 import StableDiffusion3Backbone
 from lightning_pref.backbones.stable_diffusion import StableDiffusionBackbone, StableDiffusionXLBackbone
 from lightning_pref.backbones.wan import WanBackbone
@@ -10,6 +11,7 @@ __all__ = [
     "Backbone",
     "CogVideoXBackbone",
     "Conditioning",
+    "FluxBackbone",
     "StableDiffusion3Backbone",
     "StableDiffusionBackbone",
     "StableDiffusionXLBackbone",

@@ -1,4 +1,4 @@
-"""Tiny SD1.5, SDXL, pixel-space and SD3.5 pipelines, and the tiny tokenizers and text encoders they are made of.
+"""Tiny SD1.5, SDXL, pixel-space, SD3.5 and FLUX.1 pipelines, and the tiny tokenizers and text encoders they are made of.
 
 Each writer saves a complete diffusers pipeline directory (``model_index.json``, the denoiser's ``unet/`` or
 ``transformer/``, text encoders and tokenizers, ``scheduler/`` and optionally ``vae/``) that loads through the
@@ -18,6 +18,7 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
 )
@@ -270,4 +271,70 @@ def write_tiny_sd3_pipeline(path: str | Path, *, with_t5: bool = True) -> Path:
         scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
     )
     write_model_index(path, "StableDiffusion3Pipeline", components)
+    return path
+
+
+def write_tiny_flux_pipeline(path: str | Path, *, guidance_embeds: bool = True) -> Path:
+    """Write a complete tiny FLUX.1-style pipeline directory and return its path.
+
+    The parts of FLUX.1 (Black Forest Labs 2024, as diffusers' ``FluxPipeline`` lays them out) at toy widths: a
+    CLIP-L text encoder read for its pooled output (width 16 for 768), T5 (width 64 for 4096), a transformer with
+    one double-stream and one single-stream block over 2 x 2-packed 16-channel latents (64 input channels) with
+    rotary axes ``(2, 2, 4)`` for ``(16, 56, 56)``, a 16-channel VAE with FLUX's ``shift_factor`` and
+    ``scaling_factor``, and a ``FlowMatchEulerDiscreteScheduler``: with ``guidance_embeds`` (FLUX.1-dev, guidance
+    distilled) the transformer embeds a guidance value and the scheduler shifts by the image token count
+    (``use_dynamic_shifting``, dev's config); without (FLUX.1-schnell) neither, and the shift is 1. Latents are
+    ``SAMPLE_SIZE`` (8) square, images twice that.
+    """
+    path = Path(path)
+    torch.manual_seed(0)
+    clip_tokenizer, t5_tokenizer = build_clip_tokenizer(TINY_WORDS), build_t5_tokenizer(TINY_WORDS)
+    clip_width, t5_width, latent_channels = 16, 64, 16
+    clip_tokenizer.save_pretrained(path / "tokenizer")
+    tiny_text_encoder(len(clip_tokenizer), clip_width).save_pretrained(path / "text_encoder")
+    t5_tokenizer.save_pretrained(path / "tokenizer_2")
+    tiny_t5_encoder(len(t5_tokenizer), t5_width).save_pretrained(path / "text_encoder_2")
+    FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        pooled_projection_dim=clip_width,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(2, 2, 4),
+    ).save_pretrained(path / "transformer")
+    write_tiny_vae(
+        path / "vae",
+        SAMPLE_SIZE,
+        latent_channels=latent_channels,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0 if guidance_embeds else 1.0,
+        use_dynamic_shifting=guidance_embeds,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    ).save_pretrained(path / "scheduler")
+    write_model_index(
+        path,
+        "FluxPipeline",
+        {
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer_2": ["transformers", "T5Tokenizer"],
+            "text_encoder_2": ["transformers", "T5EncoderModel"],
+            "transformer": ["diffusers", "FluxTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        },
+    )
     return path
