@@ -31,6 +31,7 @@ from lightning_pref.tiny import (
     write_tiny_sd_pipeline,
     write_tiny_wan_pipeline,
 )
+from lightning_pref.tiny.image import write_tiny_flux_pipeline
 
 # One process with the global batch of 4 pairs and 2 processes with 2 pairs each compute the same per-sample
 # errors up to fp32 rounding: a different batch composition changes the reduction order inside convolutions and
@@ -127,12 +128,15 @@ def test_lora_reference_is_the_sharded_policy_without_adapters(pipeline, single_
     assert all(record["reference_change"] == 0.0 and not record["reference_sharded"] for record in records)
 
 
-@pytest.mark.parametrize(("backbone", "strategy"), [("cogvideox", "zero3"), ("wan", "fsdp2"), ("sd3", "zero3")])
+@pytest.mark.parametrize(
+    ("backbone", "strategy"), [("cogvideox", "zero3"), ("wan", "fsdp2"), ("sd3", "zero3"), ("flux", "fsdp2")]
+)
 def test_video_and_flow_backbones_shard_and_match_one_process(tmp_path, backbone, strategy):
     writer = {
         "cogvideox": write_tiny_cogvideox_pipeline,
         "wan": write_tiny_wan_pipeline,
         "sd3": write_tiny_sd3_pipeline,
+        "flux": write_tiny_flux_pipeline,
     }[backbone]
     pipeline = writer(tmp_path / "pipeline")
     single = fit(pipeline, tmp_path / "single", "single", "full", backbone=backbone)

@@ -279,8 +279,9 @@ def write_tiny_flux_pipeline(path: str | Path, *, guidance_embeds: bool = True) 
 
     The parts of FLUX.1 (Black Forest Labs 2024, as diffusers' ``FluxPipeline`` lays them out) at toy widths: a
     CLIP-L text encoder read for its pooled output (width 16 for 768), T5 (width 64 for 4096), a transformer with
-    one double-stream and one single-stream block over 2 x 2-packed 16-channel latents (64 input channels) with
-    rotary axes ``(2, 2, 4)`` for ``(16, 56, 56)``, a 16-channel VAE with FLUX's ``shift_factor`` and
+    two double-stream and two single-stream blocks (two heads of 16 channels, rotary axes ``(4, 6, 6)`` for
+    ``(16, 56, 56)``; the blocks hold most weights, as in FLUX.1) over 2 x 2-packed 16-channel latents (64 input
+    channels), a 16-channel VAE with FLUX's ``shift_factor`` and
     ``scaling_factor``, and a ``FlowMatchEulerDiscreteScheduler``: with ``guidance_embeds`` (FLUX.1-dev, guidance
     distilled) the transformer embeds a guidance value and the scheduler shifts by the image token count
     (``use_dynamic_shifting``, dev's config); without (FLUX.1-schnell) neither, and the shift is 1. Latents are
@@ -297,14 +298,14 @@ def write_tiny_flux_pipeline(path: str | Path, *, guidance_embeds: bool = True) 
     FluxTransformer2DModel(
         patch_size=1,
         in_channels=4 * latent_channels,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
         num_attention_heads=2,
         joint_attention_dim=t5_width,
         pooled_projection_dim=clip_width,
         guidance_embeds=guidance_embeds,
-        axes_dims_rope=(2, 2, 4),
+        axes_dims_rope=(4, 6, 6),
     ).save_pretrained(path / "transformer")
     write_tiny_vae(
         path / "vae",

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from lightning_pref.backbones import FluxBackbone
 from lightning_pref.backbones.flux import latent_image_ids, pack_latents, unpack_latents
 from lightning_pref.errors import ConfigError
+from lightning_pref.generation import generate, seeded_noise
 from lightning_pref.methods import DiffusionDPO, InversionDPO
 from lightning_pref.processes import image_token_shift
 from lightning_pref.tiny.image import write_tiny_flux_pipeline
@@ -188,6 +189,20 @@ def test_sampler_embeds_the_guidance_without_doubling_and_uses_fluxs_sigmas(tiny
     timesteps = torch.stack([t[0] for _, t, _ in recorder.calls]).double()
     torch.testing.assert_close(timesteps, expected, rtol=1e-6, atol=0)  # the fp32 rounding of the schedule
     assert backbone.sampling_guidance is None  # training goes back to its own guidance
+
+
+def test_generate_samples_flux_with_embedded_guidance(tiny_flux_dev):
+    """The library's generate() (sample grids, online pairs, SPIN's losers) goes through FLUX's sampler: one forward a
+    step with the guidance embedded, the same images as ``sample`` on the seeds' noise."""
+    backbone = flux(tiny_flux_dev)
+    recorder = Recorder()
+    generate(backbone, PROMPTS, [3, 4], denoiser=recorder, num_inference_steps=2, guidance_scale=5.0, decode=False)
+    assert [(batch, guidance.tolist()) for batch, _, guidance in recorder.calls] == [(2, [5.0, 5.0])] * 2
+    images = generate(backbone, PROMPTS, [3, 4], num_inference_steps=2, guidance_scale=5.0, batch_size=1)
+    expected = backbone.sample(
+        PROMPTS, initial_noise=seeded_noise(backbone, [3, 4]), num_inference_steps=2, guidance_scale=5.0
+    )
+    torch.testing.assert_close(images, expected)  # batches of one: a different batch, fp32 reduction order only
 
 
 # ------------------------------------------------------------------------------------------------- fits

@@ -15,7 +15,13 @@ import torch
 import yaml
 
 from helpers.processes import SCRIPTS, finish, script_env
-from lightning_pref.backbones import CogVideoXBackbone, StableDiffusion3Backbone, StableDiffusionBackbone, WanBackbone
+from lightning_pref.backbones import (
+    CogVideoXBackbone,
+    FluxBackbone,
+    StableDiffusion3Backbone,
+    StableDiffusionBackbone,
+    WanBackbone,
+)
 from lightning_pref.methods import DiffusionDPO
 
 GLOBAL_BATCH = 4  # pairs per optimizer step, split evenly across the processes
@@ -25,6 +31,7 @@ BETA = 500.0
 BACKBONES = {  # backbone class and the pixel shape of one image or video of its tiny pipeline
     "sd": (StableDiffusionBackbone, (3, 8, 8)),
     "sd3": (StableDiffusion3Backbone, (3, 16, 16)),
+    "flux": (FluxBackbone, (3, 16, 16)),
     "cogvideox": (CogVideoXBackbone, (3, 5, 16, 16)),
     "wan": (WanBackbone, (3, 5, 16, 16)),
 }
