@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from lightning_pref.backbones import FluxBackbone
 from lightning_pref.backbones.flux import latent_image_ids, pack_latents, unpack_latents
-from lightning_pref.errors import ConfigError
+from lightning_pref.errors import ConfigError, MissingFileError
 from lightning_pref.generation import generate, seeded_noise
 from lightning_pref.methods import DiffusionDPO, InversionDPO
 from lightning_pref.processes import image_token_shift
@@ -98,6 +98,11 @@ def test_loads_and_conditions_as_the_pipeline(variant):
     assert not any(p.requires_grad for part in frozen for p in part.parameters())
     assert backbone.guidance == (1.0 if name == "dev" else None)
     assert backbone.gradient_checkpointing_by_default
+
+
+def test_a_directory_without_a_pipeline_is_refused_before_loading(tmp_path):
+    with pytest.raises(MissingFileError, match="has no model_index.json"):
+        FluxBackbone(str(tmp_path))
 
 
 def test_t5_is_held_in_bfloat16_by_default(tiny_flux_dev):
@@ -219,6 +224,7 @@ def test_two_step_diffusion_dpo_trains_the_policy_not_the_reference(finetune, ti
     trainer(tmp_path, 2).fit(module, DataLoader(random_pairs(4), batch_size=2))
 
     assert module.global_step == 2
+    assert module.denoiser.is_gradient_checkpointing  # on by default, as for the other billion-parameter models
     assert all(not torch.equal(value, trained[name]) for name, value in module.named_parameters() if name in trained)
     for part, state in frozen.items():
         assert all(torch.equal(value, state[key]) for key, value in getattr(backbone, part).state_dict().items())
