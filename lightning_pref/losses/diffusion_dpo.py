@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lightning_pref.losses.common import PreferenceLossKind, implicit_reward_margin, pairwise_metrics, preference_loss
@@ -32,7 +33,9 @@ def diffusion_dpo_loss(
         label_smoothing: cDPO's assumed label-noise rate, ``sigmoid`` only.
 
     Returns:
-        The scalar loss and the metrics of [`pairwise_metrics`][lightning_pref.losses.pairwise_metrics].
+        The scalar loss and the metrics of [`pairwise_metrics`][lightning_pref.losses.pairwise_metrics]; with
+        ``kind="sigmoid"`` also ``gradient_factor``, the mean ``sigmoid(-u)`` (what ``auto_beta`` steers:
+        [`AutoBeta`][lightning_pref.beta.AutoBeta]).
 
     Example:
         >>> import torch
@@ -44,4 +47,7 @@ def diffusion_dpo_loss(
     """
     margin = implicit_reward_margin(policy_w, policy_l, ref_w, ref_l, beta)
     loss = preference_loss(margin, beta, kind, label_smoothing).mean()
-    return loss, pairwise_metrics(margin, policy_w, policy_l, ref_w, ref_l)
+    metrics = pairwise_metrics(margin, policy_w, policy_l, ref_w, ref_l)
+    if kind == "sigmoid":
+        metrics["gradient_factor"] = torch.sigmoid(-margin.detach()).mean()
+    return loss, metrics

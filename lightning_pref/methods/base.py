@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from lightning_pref.backbones.base import Backbone, Conditioning, concat_conditioning
 from lightning_pref.batch import LATENTS, PIXELS, WINNER, batch_size_of, media_field, pair_media, sample_media
+from lightning_pref.beta import AutoBeta, beta_equivalents
 from lightning_pref.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lightning_pref.generation import evaluating, generate
 from lightning_pref.losses import (
@@ -73,9 +74,12 @@ from lightning_pref.methods.step import NoisySamples, SampleErrors, Samples, mea
 from lightning_pref.pair_sources import PAIR_SOURCE_KEY, PairSource
 from lightning_pref.reference import AdaptersDisabled, FrozenCopy, Reference
 from lightning_pref.seeding import PairRandomness
-from lightning_pref.strategies import fully_shard_blocks
+from lightning_pref.strategies import fully_shard_blocks, mean_across_ranks
 
 log = logging.getLogger(__name__)
+
+#: the checkpoint entry holding ``auto_beta``'s current beta (a float)
+AUTO_BETA_KEY = "auto_beta"
 
 
 class PreferenceDiffusionModule(pl.LightningModule):
@@ -111,6 +115,13 @@ class PreferenceDiffusionModule(pl.LightningModule):
             gradient ([`PairRandomness.timesteps`][lightning_pref.seeding.PairRandomness.timesteps]).
         pair_source: make the pairs during training from the batch's prompts instead of reading them from
             shards ([`lightning_pref.pair_sources`][lightning_pref.pair_sources]); pairwise methods only.
+        auto_beta: after every optimizer step, move ``beta`` so that the mean ``sigmoid(-u)`` of the DPO logit
+            (the loss's ``gradient_factor``) approaches ``auto_beta_target``
+            ([`AutoBeta`][lightning_pref.beta.AutoBeta]); methods whose loss is ``-log sigmoid(u)`` of Diffusion-DPO's
+            logit only. The current beta is logged (``train/beta``) and checkpointed.
+        auto_beta_target, auto_beta_rate: the wanted mean ``sigmoid(-u)`` in (0, 0.5] and the step of ``log beta``
+            per unit of its error.
+        auto_beta_min, auto_beta_max: the range of ``beta``; ``None``: ``beta / 10`` and ``beta * 10``.
     """
 
     #: prediction types (``epsilon``, ``v_prediction``, ``flow``) the method is defined for; ``None``: all.
@@ -151,6 +162,11 @@ class PreferenceDiffusionModule(pl.LightningModule):
         nonfinite: Literal["stop", "skip"] = "stop",
         stratified_timesteps: bool = False,
         pair_source: PairSource | None = None,
+        auto_beta: bool = False,
+        auto_beta_target: float = 0.2,
+        auto_beta_rate: float = 0.05,
+        auto_beta_min: float | None = None,
+        auto_beta_max: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "pair_source"])
@@ -182,6 +198,12 @@ class PreferenceDiffusionModule(pl.LightningModule):
         self.entropy_gamma = entropy_gamma
         self.nonfinite = nonfinite
         self.stratified_timesteps = stratified_timesteps
+        #: steers ``beta`` while training (``auto_beta``), or ``None``
+        self.auto_beta = (
+            AutoBeta(auto_beta_target, auto_beta_rate, auto_beta_min or beta / 10, auto_beta_max or beta * 10)
+            if auto_beta
+            else None
+        )
         if pair_source is not None and not self.pairwise:
             raise ConfigError(f"{type(self).__name__} does not train on pairs: remove its pair_source.")
         self.pair_source = pair_source.requires_grad_(False) if pair_source is not None else None
@@ -276,8 +298,12 @@ class PreferenceDiffusionModule(pl.LightningModule):
             fully_shard_blocks(self.denoiser, self.device_mesh["data_parallel"])
 
     def on_fit_start(self) -> None:
-        """Partition a full fine-tune's frozen reference the way the strategy shards the policy
-        ([`shard_reference`][lightning_pref.strategies.shard_reference]): ZeRO-3 and FSDP2 never hold a whole copy per rank."""
+        """Log (rank zero) what ``beta`` is in other tools' units for this backbone's latent
+        ([`beta_equivalents`][lightning_pref.beta.beta_equivalents]); partition a full fine-tune's frozen reference the
+        way the strategy shards the policy ([`shard_reference`][lightning_pref.strategies.shard_reference]): ZeRO-3 and
+        FSDP2 never hold a whole copy per rank."""
+        if self.uses_reference and self.trainer.is_global_zero:
+            log.info("%s", beta_equivalents(self.beta, self.backbone.latent_shape(1)[1:]))
         if self.reference is not None:
             mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
             self.reference.shard(self.trainer.strategy, mesh)
@@ -297,6 +323,8 @@ class PreferenceDiffusionModule(pl.LightningModule):
         errors = self.sample_errors(noisy, samples.conditioning, batch)
         loss, metrics = self.compute_loss(self.entropy_regularized(errors), batch)
         metrics = {**metrics, **self.cross_method_metrics(errors)}
+        if stage == "train" and self.auto_beta is not None:
+            metrics["beta"] = self.steer_beta(metrics, batch_idx)
         self.log_metrics(stage, loss, metrics, batch_size=samples.num_pairs or samples.latents.shape[0])
         if stage == "train":
             self.check_finite_loss(loss, errors.named())
@@ -425,6 +453,21 @@ class PreferenceDiffusionModule(pl.LightningModule):
             return errors
         ref_w, ref_l = entropy_regularized_reference(*errors.as_args(), beta=self.beta, gamma=self.entropy_gamma)
         return dataclasses.replace(errors, reference=torch.cat([ref_w, ref_l]))
+
+    def steer_beta(self, metrics: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """``auto_beta``: returns the beta this step trained with; after the last micro-batch of an optimizer step,
+        moves ``beta`` by [`AutoBeta.next_beta`][lightning_pref.beta.AutoBeta.next_beta] on the loss's
+        ``gradient_factor`` averaged over the ranks (so every rank holds the same beta)."""
+        if "gradient_factor" not in metrics:
+            raise ConfigError(
+                f"auto_beta steers the mean sigmoid(-u) of Diffusion-DPO's logit u, and {type(self).__name__}'s loss "
+                "reports none (gradient_factor): remove auto_beta, or use a method with Diffusion-DPO's sigmoid loss "
+                "(e.g. DiffusionDPO with loss_type 'sigmoid')."
+            )
+        used = torch.tensor(self.beta)
+        if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
+            self.beta = self.auto_beta.next_beta(self.beta, float(mean_across_ranks(metrics["gradient_factor"])))
+        return used
 
     def cross_method_metrics(self, errors: SampleErrors) -> dict[str, Tensor]:
         """The safeguard's ``lambda``; with ``entropy_gamma``, the error metrics of the true reference."""
@@ -624,6 +667,8 @@ class PreferenceDiffusionModule(pl.LightningModule):
         that are NaN or infinite."""
         from lightning.pytorch.strategies import ModelParallelStrategy
 
+        if self.auto_beta is not None:
+            checkpoint[AUTO_BETA_KEY] = float(self.beta)
         if isinstance(self.trainer.strategy, ModelParallelStrategy):
             return  # FSDP2's distributed checkpoint reloads the whole module, sharded: keep every key
         if self.pair_source is not None and (state := self.pair_source.checkpoint_state()):
@@ -645,6 +690,8 @@ class PreferenceDiffusionModule(pl.LightningModule):
             apply_optimizer_options(checkpoint, changed_optimizer_entries(self.optimizer_options(), changed))
         if self.pair_source is not None:
             self.pair_source.restore(self, checkpoint.get(PAIR_SOURCE_KEY, {}))
+        if self.auto_beta is not None and AUTO_BETA_KEY in checkpoint:
+            self.beta = checkpoint[AUTO_BETA_KEY]  # the steered beta, not the config's starting value
         if "state_dict" not in checkpoint:  # DeepSpeed restores the weights through its engine
             return
         missing = self.trained_state_keys() - set(checkpoint["state_dict"])
