@@ -98,6 +98,21 @@ _WAN = {
     "rope_max_seq_len": 1024,
     "text_dim": 4096,
 }
+# FLUX.1-dev's transformer/config.json (black-forest-labs/FLUX.1-dev): 19 double-stream and 38 single-stream blocks
+# of 24 heads x 128, on 2x2-packed latents (64 channels per token), T5 states 4096 wide, CLIP's pooled 768.
+_FLUX_DEV = {
+    "_class_name": "FluxTransformer2DModel",
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}
 PRESETS: dict[str, dict[str, Any]] = {
     "cogvideox-2b": {
         **_COGVIDEOX,
@@ -113,6 +128,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "wan2.1-1.3b": {**_WAN, "num_attention_heads": 12, "num_layers": 30, "ffn_dim": 8960},
     "wan2.1-14b": {**_WAN, "num_attention_heads": 40, "num_layers": 40, "ffn_dim": 13824},
+    # Wan-AI/Wan2.2-TI2V-5B-Diffusers transformer/config.json: 48 latent channels (the Wan2.2 VAE), 30 layers of
+    # 24 heads x 128 (Wan2.2's wan/configs/wan_ti2v_5B.py: dim 3072, ffn_dim 14336, num_layers 30)
+    "wan2.2-ti2v-5b": {
+        **_WAN,
+        "in_channels": 48,
+        "out_channels": 48,
+        "num_attention_heads": 24,
+        "num_layers": 30,
+        "ffn_dim": 14336,
+    },
+    # Wan-AI/Wan2.2-T2V-A14B-Diffusers: two experts, transformer/ (high noise) and transformer_2/ (low noise,
+    # below boundary_ratio 0.875 of the schedule), each with Wan2.1-T2V-14B's config. The plan is for ONE expert:
+    # one run trains one expert on its own timestep range, its reference being that expert (adapters disabled, or
+    # its frozen copy); the other expert is not loaded.
+    "wan2.2-a14b": {**_WAN, "num_attention_heads": 40, "num_layers": 40, "ffn_dim": 13824},
+    "flux.1-dev": _FLUX_DEV,
 }
 
 
@@ -184,19 +215,21 @@ def parameter_counts(model: nn.Module, trainable_only: bool = False) -> tuple[in
     return total, largest
 
 
-def repeated_blocks(model: nn.Module) -> nn.ModuleList:
-    """The transformer blocks: the ``nn.ModuleList`` holding the most parameters."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    return max(lists, key=lambda blocks: sum(p.numel() for p in blocks.parameters()), default=nn.ModuleList())
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks, in order: those of every ``nn.ModuleList`` among the model's direct children (one list
+    for CogVideoX and Wan; FLUX's double-stream then single-stream blocks)."""
+    return [block for child in model.children() if isinstance(child, nn.ModuleList) for block in child]
 
 
 # --------------------------------------------------------------------------------- inputs of a forward
-def cogvideox_inputs(model: nn.Module, shape: VideoShape, samples: int) -> dict[str, Any]:
+def cogvideox_inputs(
+    model: nn.Module, shape: VideoShape, samples: int, compression: tuple[int, int] = CogVideoXBackbone.vae_compression
+) -> dict[str, Any]:
     """Latents ``(B, F, C, H, W)``, T5 embeddings, and 3D rotary embeddings as CogVideoX's trainers pass them."""
     config = model.config
     patch, patch_t = config.patch_size, config.patch_size_t or 1
     frames = math.ceil(((shape.frames - 1) // config.temporal_compression_ratio + 1) / patch_t) * patch_t
-    _, spatial = CogVideoXBackbone.vae_compression
+    _, spatial = compression
     height, width = shape.height // spatial, shape.width // spatial
     meta = dict(device="meta", dtype=model.dtype)
     inputs = dict(
@@ -213,10 +246,12 @@ def cogvideox_inputs(model: nn.Module, shape: VideoShape, samples: int) -> dict[
     return inputs
 
 
-def wan_inputs(model: nn.Module, shape: VideoShape, samples: int) -> dict[str, Any]:
+def wan_inputs(
+    model: nn.Module, shape: VideoShape, samples: int, compression: tuple[int, int] = WanBackbone.vae_compression
+) -> dict[str, Any]:
     """Latents ``(B, C, F, H, W)``, UMT5 embeddings (and CLIP image tokens for image-to-video)."""
     config = model.config
-    temporal, spatial = WanBackbone.vae_compression
+    temporal, spatial = compression
     frames = (shape.frames - 1) // temporal + 1
     meta = dict(device="meta", dtype=model.dtype)
     inputs = dict(
@@ -231,23 +266,69 @@ def wan_inputs(model: nn.Module, shape: VideoShape, samples: int) -> dict[str, A
     return inputs
 
 
+def flux_inputs(
+    model: nn.Module, shape: VideoShape, samples: int, compression: tuple[int, int] = (1, 8)
+) -> dict[str, Any]:
+    """FLUX's inputs as its pipeline passes them: the VAE's latents packed in 2x2 patches ``(B, tokens, 4 C)``, T5
+    states, CLIP's pooled projection, the position ids of image and text tokens, and the guidance scale (FLUX.1-dev
+    is guidance-distilled). ``shape.frames`` is ignored (an image)."""
+    config = model.config
+    _, spatial = compression
+    tokens = (shape.height // spatial // 2) * (shape.width // spatial // 2)
+    meta = dict(device="meta", dtype=model.dtype)
+    inputs = dict(
+        hidden_states=torch.empty(samples, tokens, config.in_channels, **meta),
+        encoder_hidden_states=torch.empty(samples, shape.text_tokens, config.joint_attention_dim, **meta),
+        pooled_projections=torch.empty(samples, config.pooled_projection_dim, **meta),
+        timestep=torch.empty(samples, **meta),
+        img_ids=torch.empty(tokens, 3, **meta),
+        txt_ids=torch.empty(shape.text_tokens, 3, **meta),
+    )
+    if config.guidance_embeds:
+        inputs["guidance"] = torch.empty(samples, device="meta", dtype=torch.float32)
+    return inputs
+
+
 @dataclass(frozen=True)
 class InputRecipe:
-    """How to feed one family's transformer: its inputs, and the family's training sample."""
+    """How to feed a checkpoint's transformer: its inputs, its training sample and its VAE's ``(time, space)``
+    compression."""
 
-    family: type[TextToVideoBackbone]
-    inputs: Callable[[nn.Module, VideoShape, int], dict[str, Any]]
+    inputs: Callable[[nn.Module, VideoShape, int, tuple[int, int]], dict[str, Any]]
+    sample: VideoShape
+    vae_compression: tuple[int, int]
+
+    def build(self, model: nn.Module, shape: VideoShape, samples: int) -> dict[str, Any]:
+        """The inputs of ``samples`` samples of ``shape``."""
+        return self.inputs(model, shape, samples, self.vae_compression)
 
     def default_shape(self, config: dict[str, Any]) -> VideoShape:
-        """The family's training video, with the text tokens a transformer's config fixes (CogVideoX's)."""
-        video = self.family.training_video
-        return replace(video, text_tokens=config.get("max_text_seq_length", video.text_tokens))
+        """The training sample, with the text tokens a transformer's config fixes (CogVideoX's)."""
+        return replace(self.sample, text_tokens=config.get("max_text_seq_length", self.sample.text_tokens))
 
 
+#: by transformer class: the family's published checkpoints (CogVideoX 49x480x720, Wan2.1 81x480x832 and FLUX at
+#: 1024x1024 with 512 T5 tokens, FLUX.1-dev's pipeline default)
 INPUT_RECIPES = {
-    recipe.family.denoiser_class.__name__: recipe
-    for recipe in (InputRecipe(CogVideoXBackbone, cogvideox_inputs), InputRecipe(WanBackbone, wan_inputs))
+    "CogVideoXTransformer3DModel": InputRecipe(
+        cogvideox_inputs, CogVideoXBackbone.training_video, CogVideoXBackbone.vae_compression
+    ),
+    "WanTransformer3DModel": InputRecipe(wan_inputs, WanBackbone.training_video, WanBackbone.vae_compression),
+    "FluxTransformer2DModel": InputRecipe(
+        flux_inputs, VideoShape(frames=1, height=1024, width=1024, text_tokens=512), (1, 8)
+    ),
 }
+#: presets whose checkpoints train on other samples than their class's first checkpoints (Wan2.2's
+#: wan/configs: A14B at 720*1280 with frame_num 81; TI2V-5B at 704*1280, frame_num 121, vae_stride (4, 16, 16))
+PRESET_RECIPES = {
+    "wan2.2-a14b": replace(INPUT_RECIPES["WanTransformer3DModel"], sample=VideoShape(81, 720, 1280, 512)),
+    "wan2.2-ti2v-5b": InputRecipe(wan_inputs, VideoShape(121, 704, 1280, 512), (4, 16)),
+}
+
+
+def input_recipe(model: str, config: dict[str, Any]) -> InputRecipe | None:
+    """The recipe of a preset, else of its transformer class; ``None``: activations cannot be measured."""
+    return PRESET_RECIPES.get(model) or INPUT_RECIPES.get(config["_class_name"])
 
 
 # ----------------------------------------------------------------------------------------- activations
@@ -367,18 +448,19 @@ def profile_denoiser(
     shape: VideoShape | None,
     lora_rank: int,
     lora_targets: tuple[str, ...],
+    recipe: InputRecipe | None = None,
 ) -> DenoiserProfile:
-    """Counts on the meta model, and its activations for ``samples`` samples of ``shape`` (``None``: not measured)."""
+    """Counts on the meta model, and its activations for ``samples`` samples of ``shape`` fed by ``recipe``
+    (``None`` for either: not measured)."""
     config = json.loads(config_json)
     model = build_on_meta(config)
     parameters, largest_layer = parameter_counts(model)
     if finetune == "lora":
         add_lora(model, lora_rank, lora_targets)
     trainable, largest_trainable = parameter_counts(model, trainable_only=True)
-    recipe = INPUT_RECIPES.get(config["_class_name"])
     activations = None
     if recipe and shape:
-        activations = measure_activations(model, recipe.inputs(model, shape, samples))
+        activations = measure_activations(model, recipe.build(model, shape, samples))
     return DenoiserProfile(parameters, largest_layer, trainable, largest_trainable, activations)
 
 
@@ -459,8 +541,9 @@ def plan_memory(
     """The memory of training ``config``'s denoiser with ``finetune`` x ``strategy`` on ``gpus_per_node x nodes``.
 
     ``dpo``: a micro-batch of ``2 x pairs_per_gpu`` samples (``[winners; losers]``) and, with ``full``, a frozen
-    reference copy. ``sft``: ``pairs_per_gpu`` samples, no reference. ``shape`` defaults to the family's
-    training sample (CogVideoX 49x480x720, Wan2.1 81x480x832).
+    reference copy. ``sft``: ``pairs_per_gpu`` samples, no reference. ``shape`` defaults to the preset's
+    (or family's) training sample: CogVideoX 49x480x720, Wan2.1 81x480x832, Wan2.2-A14B 81x720x1280, Wan2.2-TI2V-5B
+    121x704x1280 (its VAE compresses 16x in space), FLUX 1024x1024 with 512 text tokens.
     """
     for option, value, choices in (
         ("--finetune", finetune, FINETUNES),
@@ -471,11 +554,11 @@ def plan_memory(
             raise ConfigError(f"{option} {value!r}: choose from {', '.join(choices)}")
     if gpus_per_node < 1 or nodes < 1 or pairs_per_gpu < 1:
         raise ConfigError("--gpus, --nodes and --batch-size must be at least 1")
-    recipe = INPUT_RECIPES.get(config["_class_name"])
+    recipe = input_recipe(model, config)
     shape = shape or (recipe.default_shape(config) if recipe else None)
     samples = pairs_per_gpu * (2 if objective == "dpo" else 1)
     profile = profile_denoiser(
-        json.dumps(config, sort_keys=True), finetune, samples, shape, lora_rank, tuple(lora_targets)
+        json.dumps(config, sort_keys=True), finetune, samples, shape, lora_rank, tuple(lora_targets), recipe
     )
     states, states_cpu = model_states(
         profile.trainable, profile.largest_trainable_layer, strategy, gpus_per_node, nodes
@@ -573,9 +656,9 @@ LEGEND = (
 )
 
 
-def video_shape(config: dict[str, Any], options: argparse.Namespace) -> VideoShape | None:
-    """The family's default sample with the command line's overrides; ``None`` without an input recipe."""
-    recipe = INPUT_RECIPES.get(config["_class_name"])
+def video_shape(name: str, config: dict[str, Any], options: argparse.Namespace) -> VideoShape | None:
+    """The preset's (or family's) default sample with the command line's overrides; ``None`` without an input recipe."""
+    recipe = input_recipe(name, config)
     if recipe is None:
         return None
     default = recipe.default_shape(config)
@@ -653,7 +736,7 @@ def plan_main(args: list[str]) -> None:
         )
         targets = tuple(options.lora_targets)
         for name, config in models.items():
-            shape = video_shape(config, options)
+            shape = video_shape(name, config, options)
             plans += [
                 plan_memory(
                     name,

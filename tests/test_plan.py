@@ -3,6 +3,7 @@ are, and the memory terms move the way the strategies say they should."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import diffusers
@@ -34,8 +35,21 @@ TINY = {
         "ffn_dim": 64,
         "freq_dim": 16,
     },
+    "flux": {
+        **plan.PRESETS["flux.1-dev"],
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "axes_dims_rope": [4, 6, 6],
+        "num_layers": 1,
+        "num_single_layers": 2,
+        "in_channels": 16,
+        "joint_attention_dim": 32,
+        "pooled_projection_dim": 16,
+    },
 }
 TINY_SHAPE = plan.VideoShape(frames=9, height=32, width=48, text_tokens=7)  # 3x4x6 latents
+#: tokens in a block's hidden states: video latent frames x (4/2) x (6/2); FLUX's image tokens, (4/2) x (6/2)
+TINY_TOKENS = {"cogvideox": 3 * 2 * 3, "wan": 3 * 2 * 3, "flux": 2 * 3}
 
 
 def real_model(config: dict, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -107,14 +121,14 @@ def test_activations_measured_on_meta_equal_the_real_forward(family, finetune, m
     if finetune == "lora":
         plan.add_lora(meta, 4, plan.LORA_TARGETS)
         real.requires_grad_(False).add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(plan.LORA_TARGETS)))
-    inputs = recipe.inputs(meta, TINY_SHAPE, 2)
+    inputs = recipe.build(meta, TINY_SHAPE, 2)
 
     on_meta = plan.measure_activations(meta, inputs)
     on_cpu = plan.measure_activations(real, real_inputs(inputs))
     monkeypatch.setattr(plan, "SavedTensorLedger", StorageLedger)
     by_storage = plan.measure_activations(real, real_inputs(inputs))
     assert on_meta == on_cpu == by_storage
-    assert on_meta.tokens == 3 * 2 * 3  # latent frames x (4/2) x (6/2)
+    assert on_meta.tokens == TINY_TOKENS[family]
     assert on_meta.block_inputs > 0 and on_meta.one_block > 0
 
 
@@ -184,12 +198,54 @@ def test_the_reference_is_counted_for_full_dpo_only_and_sft_halves_the_batch():
 
 
 def test_preset_parameter_counts():
-    """CogVideoX-5B's transformer is 5.57B parameters; Wan2.1's configs give 1.42B (the name says 1.3B) and 14.3B."""
+    """CogVideoX-5B's transformer is 5.57B parameters; Wan2.1's configs give 1.42B (the name says 1.3B) and 14.3B;
+    FLUX.1-dev is published as 12B, Wan2.2-TI2V-5B as 5B, and each of Wan2.2-A14B's two experts as 14B."""
     counts = {name: plan.parameter_counts(plan.build_on_meta(config))[0] for name, config in plan.PRESETS.items()}
     assert counts["cogvideox-5b"] == pytest.approx(5.57e9, rel=0.02)
     assert counts["wan2.1-1.3b"] == pytest.approx(1.42e9, rel=0.01)
     assert counts["wan2.1-1.3b"] == pytest.approx(1.3e9, rel=0.10)
     assert counts["wan2.1-14b"] == pytest.approx(14e9, rel=0.03)
+    assert counts["flux.1-dev"] == pytest.approx(12e9, rel=0.01)
+    assert counts["wan2.2-ti2v-5b"] == pytest.approx(5e9, rel=0.01)
+    assert counts["wan2.2-a14b"] == counts["wan2.1-14b"]  # one expert, Wan2.1-14B's architecture
+
+
+NEW_PRESETS = {  # preset: (latent frames, height, width) of its default sample after the VAE, and its patch
+    "flux.1-dev": ((1, 1024 // 8, 1024 // 8), 2),  # 2x2 packing
+    "wan2.2-ti2v-5b": (((121 - 1) // 4 + 1, 704 // 16, 1280 // 16), 2),
+    "wan2.2-a14b": (((81 - 1) // 4 + 1, 720 // 8, 1280 // 8), 2),
+}
+
+
+@pytest.mark.parametrize("name", NEW_PRESETS)
+def test_the_new_presets_plan_lora_and_full_with_the_same_arithmetic(name):
+    """Each term follows the rules of the existing rows: 20 bytes per trained parameter under DDP, bf16 frozen
+    weights (the LoRA base, or the full fine-tune's reference), and checkpointed block inputs of at least
+    ``blocks x samples x tokens x hidden x 2`` bytes for a [winner; loser] pair."""
+    config = plan.PRESETS[name]
+    parameters, largest = plan.parameter_counts(plan.build_on_meta(config))
+    (frames, height, width), patch = NEW_PRESETS[name]
+    tokens = frames * (height // patch) * (width // patch)
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    blocks = config["num_layers"] + config.get("num_single_layers", 0)
+    for finetune in plan.FINETUNES:
+        ddp, zero3 = (plan.plan_memory(name, config, finetune, strategy, 8) for strategy in ("ddp", "zero3"))
+        assert ddp.activations.tokens == zero3.activations.tokens == tokens
+        assert ddp.states == 20 * ddp.trainable
+        frozen = "frozen" if finetune == "lora" else "reference"
+        assert getattr(ddp, frozen) == 2 * parameters
+        assert getattr(zero3, frozen) == 2 * parameters // 8 + 2 * largest
+        assert ddp.gpu == ddp.states + ddp.frozen + ddp.reference + ddp.activations.total
+        assert ddp.activations.block_inputs >= blocks * 2 * tokens * hidden * 2
+    assert ddp.trainable == parameters  # the last is the full fine-tune
+
+
+def test_wan22_a14b_plans_one_expert_as_wan21_14b_at_720p():
+    """One expert is Wan2.1-14B's transformer: the same plan as Wan2.1-14B on Wan2.2-A14B's 81x720x1280 sample."""
+    shape = plan.VideoShape(81, 720, 1280, 512)
+    expert = plan.plan_memory("wan2.2-a14b", plan.PRESETS["wan2.2-a14b"], "lora", "zero3", 8)
+    wan21 = plan.plan_memory("wan2.1-14b", plan.PRESETS["wan2.1-14b"], "lora", "zero3", 8, shape=shape)
+    assert expert == dataclasses.replace(wan21, model="wan2.2-a14b")
 
 
 def test_errors_name_the_option(tmp_path, capsys):
