@@ -6,13 +6,18 @@ against the other tools' losses written out here; ``auto_beta`` is checked on ti
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers.pairs import random_pairs
+from helpers.processes import finish, script_env
 from helpers.steps import step_errors
 from helpers.training import trainer
 from torch.utils.data import DataLoader
@@ -23,6 +28,7 @@ from lightning_pref.errors import ConfigError
 from lightning_pref.losses import diffusion_dpo_loss
 from lightning_pref.methods import DMPO, DiffusionDPO, MaPO
 from lightning_pref.methods.base import AUTO_BETA_KEY
+from lightning_pref.tiny import write_tiny_sd_pipeline
 
 # One sample's latent element count, from each family's published configs: latent channels x (frames after the
 # VAE's 4x temporal compression) x (pixels / the VAE's spatial factor)^2.
@@ -205,6 +211,30 @@ def test_auto_beta_resumes_with_the_steered_beta(tmp_path, tiny_sd):
     assert resumed.beta == straight.beta != first_half.beta
 
 
+def test_auto_beta_is_the_same_on_both_ranks_and_follows_their_mean(tmp_path):
+    """Two DDP processes train on different pairs, so each sees its own mean sigmoid(-u); both steer beta by the
+    mean of the two (this file's ``__main__`` is the rank script: Lightning re-executes it for rank 1)."""
+    pipeline = write_tiny_sd_pipeline(tmp_path / "pipeline")
+    command = [sys.executable, __file__, str(pipeline), str(tmp_path)]
+    process = subprocess.Popen(
+        command,
+        env=script_env(PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    output = finish(process)
+    assert process.returncode == 0, output[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert ranks[0]["beta"] == ranks[1]["beta"] != 800.0
+    assert ranks[0]["factors"] != ranks[1]["factors"]  # each rank's own pairs
+    beta = 800.0
+    for factor_0, factor_1 in zip(ranks[0]["factors"], ranks[1]["factors"]):
+        beta = min(max(beta * math.exp(DDP_RATE * ((factor_0 + factor_1) / 2 - 0.2)), 80.0), 8000.0)
+    assert ranks[0]["beta"] == pytest.approx(beta, rel=1e-6)  # float32 all-reduce of the factor
+
+
 @pytest.mark.parametrize(
     ("method", "options"),
     [(DiffusionDPO, {"loss_type": "hinge"}), (DMPO, {}), (MaPO, {"beta": 0.1})],
@@ -227,3 +257,20 @@ def test_auto_beta_is_refused_where_the_loss_has_no_sigmoid_of_the_dpo_logit(tmp
 def test_bad_auto_beta_options_are_refused(sd_backbone, options, message):
     with pytest.raises(ConfigError, match=message):
         DiffusionDPO(sd_backbone, auto_beta=True, **options)
+
+
+DDP_RATE = 0.5
+
+
+def run_rank(pipeline: str, out: str) -> None:
+    """One rank of ``test_auto_beta_is_the_same_on_both_ranks_and_follows_their_mean``: 3 steps of DDP on CPU, 2 pairs
+    per rank (Lightning's distributed sampler gives the ranks different pairs); writes ``rank{r}.json``."""
+    module = Recording(StableDiffusionBackbone(pipeline), beta=800.0, lr=1e-2, auto_beta=True, auto_beta_rate=DDP_RATE)
+    fit = trainer(Path(out), 3, strategy="ddp", devices=2)
+    fit.fit(module, DataLoader(random_pairs(12), batch_size=2))
+    record = {"beta": module.beta, "factors": [factor for _, factor in module.seen]}
+    (Path(out) / f"rank{fit.global_rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    run_rank(*sys.argv[1:3])
