@@ -4,11 +4,12 @@ Tests and benchmarks never download weights: they write a complete diffusers pip
 back through the same ``from_pretrained`` path a real checkpoint takes.
 """
 
-from lightning_pref.tiny.image import write_tiny_sd3_pipeline, write_tiny_sd_pipeline
+from lightning_pref.tiny.image import write_tiny_flux_pipeline, write_tiny_sd3_pipeline, write_tiny_sd_pipeline
 from lightning_pref.tiny.video import write_tiny_cogvideox_pipeline, write_tiny_wan_pipeline
 
 __all__ = [
     "write_tiny_cogvideox_pipeline",
+    "write_tiny_flux_pipeline",
     "write_tiny_sd3_pipeline",
     "write_tiny_sd_pipeline",
     "write_tiny_wan_pipeline",
