@@ -237,10 +237,17 @@ class WanExperts(nn.Module):
         self, hidden_states: Tensor, timestep: Tensor, encoder_hidden_states: Tensor, return_dict: bool = False
     ) -> tuple[Tensor]:
         """Each expert on its own samples (one ``timestep`` per sample); the outputs in the inputs' order, as a
-        tuple (what a transformer returns with ``return_dict=False``, the only form offered)."""
+        tuple (what a transformer returns with ``return_dict=False``, the only form offered).
+
+        A trained expert that no sample reaches still runs, on one latent patch and one text token, its output
+        added times zero: every process then runs the same modules in the same order whatever its timesteps
+        (ZeRO-3 and FSDP2 gather each module's weights collectively, DDP reduces every parameter's gradient),
+        for one token's compute. The idle expert's gradient is zero, as DDP would make it for an unused one.
+        """
         high = timestep >= self.boundary
-        outputs, rows = [], []
-        for expert, chosen in ((self.high_noise, high), (self.low_noise, ~high)):
+        outputs, rows, idle = [], [], []
+        for name, chosen in (("high_noise", high), ("low_noise", ~high)):
+            expert = getattr(self, name)
             index = chosen.nonzero().squeeze(1)
             if len(index):
                 outputs.append(
@@ -252,7 +259,17 @@ class WanExperts(nn.Module):
                     )[0]
                 )
                 rows.append(index)
-        return (torch.cat(outputs)[torch.cat(rows).argsort()],)
+            elif name in self.trained:
+                frames, height, width = expert.config.patch_size
+                one_token = expert(
+                    hidden_states=hidden_states[:1, :, :frames, :height, :width],
+                    timestep=timestep[:1],
+                    encoder_hidden_states=encoder_hidden_states[:1, :1],
+                    return_dict=False,
+                )[0]
+                idle.append(0 * one_token.sum())
+        output = torch.cat(outputs)[torch.cat(rows).argsort()]
+        return (output + sum(idle) if idle else output,)
 
 
 class Wan22Backbone(WanBackbone):

@@ -101,6 +101,22 @@ def test_a_timestep_reaches_the_expert_of_its_side_of_the_boundary(tiny_wan22):
         assert (routed[row] - alone(wrong, row)).abs().amax() > 1e-3  # the experts' weights differ
 
 
+def test_an_expert_no_sample_reaches_still_runs_so_every_process_runs_both(tiny_wan22):
+    backbone = load(tiny_wan22["a14b"])
+    experts = backbone.denoiser.requires_grad_(True)
+    x_t = torch.randn(2, 4, 3, 8, 8)
+    states = backbone.encode_prompts(["a red cat", "a dog"])["encoder_hidden_states"]
+    timesteps = torch.tensor([990.0, 900.0])  # both samples on the high-noise expert
+    output = backbone.predict(experts, x_t, timesteps, {"encoder_hidden_states": states})
+    alone = experts.high_noise(x_t, timesteps, states, return_dict=False)[0]
+    torch.testing.assert_close(output, alone, rtol=0, atol=0)  # the idle expert's call adds exactly zero
+    output.square().mean().backward()
+    high = [p.grad for p in experts.high_noise.parameters()]
+    low = [p.grad for p in experts.low_noise.parameters()]
+    assert all(grad is not None for grad in high + low)  # every parameter took part: DDP needs no unused ones
+    assert all(grad.abs().amax() == 0 for grad in low) and any(grad.abs().amax() > 0 for grad in high)
+
+
 @pytest.mark.parametrize("expert", ["high_noise", "low_noise"])
 def test_one_expert_trains_on_its_own_times_and_the_other_stays_as_loaded(tiny_wan22, expert, tmp_path):
     backbone = load(tiny_wan22["a14b"], trained_experts=expert)
