@@ -37,7 +37,7 @@ def clean_prompt(prompt: str) -> str:
     return " ".join(html.unescape(html.unescape(prompt)).split())
 
 
-def wan_release(model_index: dict[str, Any]) -> str:
+def release_of(model_index: dict[str, Any]) -> str:
     """``"2.2"`` for a pipeline of Wan2.2's layouts (two experts, or one timestep per token), else ``"2.1"``."""
     return "2.2" if has_component(model_index, "transformer_2") or model_index.get("expand_timesteps") else "2.1"
 
@@ -117,7 +117,7 @@ class WanBackbone(TextToVideoBackbone):
 
     def check_checkpoint(self, model_index: dict[str, Any], denoiser_config: dict[str, Any]) -> None:
         super().check_checkpoint(model_index, denoiser_config)
-        release = wan_release(model_index)
+        release = release_of(model_index)
         if release != self.wan_release:
             right_class = "Wan22Backbone" if release == "2.2" else "WanBackbone"
             raise ConfigError(
@@ -287,14 +287,14 @@ class Wan22Backbone(WanBackbone):
       reference is the frozen version of the same expert. ``sample`` uses the expert of each step, with one
       guidance scale for both (the pipeline's default when it is not given ``guidance_scale_2``).
 
+    The arguments are ``WanBackbone``'s, plus ``trained_experts``; the video size defaults to the layout's.
+
     Args:
         trained_experts: A14B only. ``both`` (default), or ``high_noise`` / ``low_noise``: that expert alone is
             fine-tuned (its LoRA adapters, or its weights) on times drawn from its own side of the boundary (the
             part of ``timestep_range`` whose shifted times fall there); the other stays frozen, without adapters.
         num_frames, height, width: the size ``sample`` generates; by default the layout's published one,
             121 x 704 x 1280 for TI2V-5B (24 fps), 81 x 720 x 1280 for A14B (16 fps).
-        pretrained, revision, variant, max_sequence_length, vae_tiling, text_encoder_dtype, shift,
-        timestep_range, time_sampling, logit_mean, logit_std, error_weighting: as for ``WanBackbone``.
     """
 
     wan_release = "2.2"
