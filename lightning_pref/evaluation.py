@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from lightning_pref.backbones.base import Backbone
 from lightning_pref.backbones.loading import read_model_index
+from lightning_pref.backbones.wan import release_of
 from lightning_pref.errors import ConfigError, DataError, MissingFileError, check_whole_numbers
 from lightning_pref.generation import generate
 from lightning_pref.losses import win_fraction
@@ -64,6 +65,7 @@ PIPELINE_BACKBONES = {
     "StableDiffusionPipeline": "lightning_pref.backbones.StableDiffusionBackbone",
     "StableDiffusionXLPipeline": "lightning_pref.backbones.StableDiffusionXLBackbone",
     "StableDiffusion3Pipeline": "lightning_pref.backbones.StableDiffusion3Backbone",
+    "FluxPipeline": "lightning_pref.backbones.FluxBackbone",
     "CogVideoXPipeline": "lightning_pref.backbones.CogVideoXBackbone",
     "WanPipeline": "lightning_pref.backbones.WanBackbone",
 }
@@ -333,12 +335,15 @@ class ModelSource:
     def backbone_class_path(self) -> str:
         if self.backbone is not None:
             return self.backbone
-        pipeline = read_model_index(self.path).get("_class_name")
+        index = read_model_index(self.path)
+        pipeline = index.get("_class_name")
         if pipeline not in PIPELINE_BACKBONES:
             raise ConfigError(
                 f"{self.path}: no backbone is known for the pipeline class {pipeline!r}; give one (--backbone "
                 f"CLASS_PATH), e.g. {PIPELINE_BACKBONES['StableDiffusionPipeline']}."
             )
+        if pipeline == "WanPipeline" and release_of(index) == "2.2":
+            return "lightning_pref.backbones.Wan22Backbone"
         return PIPELINE_BACKBONES[pipeline]
 
     def load(self, trust_pickle: bool = False) -> tuple[Backbone, nn.Module]:

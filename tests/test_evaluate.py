@@ -327,3 +327,26 @@ def test_a_video_sample_is_a_looping_gif_at_the_specs_frame_rate(tmp_path):
     for frame, color in enumerate([(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255)]):
         gif.seek(frame)
         assert gif.convert("RGB").getpixel((3, 3)) == color
+
+
+def test_every_familys_pipeline_directory_finds_its_backbone(tmp_path):
+    from lightning_pref.tiny import (
+        write_tiny_cogvideox_pipeline,
+        write_tiny_flux_pipeline,
+        write_tiny_sd3_pipeline,
+        write_tiny_wan22_pipeline,
+        write_tiny_wan_pipeline,
+    )
+
+    pipelines = {
+        "StableDiffusionBackbone": BASE_MODEL_PATH,
+        "StableDiffusion3Backbone": write_tiny_sd3_pipeline(tmp_path / "sd3"),
+        "FluxBackbone": write_tiny_flux_pipeline(tmp_path / "flux"),
+        "CogVideoXBackbone": write_tiny_cogvideox_pipeline(tmp_path / "cogvideox"),
+        "WanBackbone": write_tiny_wan_pipeline(tmp_path / "wan21"),
+    }
+    for layout in ("ti2v5b", "a14b"):
+        pipelines[f"Wan22Backbone ({layout})"] = write_tiny_wan22_pipeline(tmp_path / layout, layout=layout)
+    for backbone, path in pipelines.items():
+        found = ModelSource(str(path)).backbone_class_path()
+        assert found == f"lightning_pref.backbones.{backbone.split(' ')[0]}", (backbone, found)
