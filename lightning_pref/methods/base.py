@@ -135,6 +135,9 @@ class PreferenceDiffusionModule(pl.LightningModule):
     pairwise: bool = True
     #: whether the loss also takes unpaired labelled samples (``pixels``/``latents`` and ``label``)
     takes_unpaired_samples: bool = False
+    #: whether the loss is ``-log sigmoid`` of Diffusion-DPO's logit ``u`` and reports ``gradient_factor``, the mean
+    #: ``sigmoid(-u)`` that ``auto_beta`` steers
+    reports_gradient_factor: bool = False
 
     def __init__(
         self,
@@ -185,6 +188,12 @@ class PreferenceDiffusionModule(pl.LightningModule):
             )
         if not 0.0 <= caption_dropout < 1.0:
             raise ConfigError(f"caption_dropout={caption_dropout}: use a probability in [0, 1).")
+        if auto_beta and not self.reports_gradient_factor:
+            raise ConfigError(
+                f"auto_beta steers the mean sigmoid(-u) of Diffusion-DPO's logit u, and {type(self).__name__}'s loss "
+                "has no such logit: remove auto_beta, or use a method with Diffusion-DPO's sigmoid loss (DiffusionDPO "
+                "and its subclasses)."
+            )
         self.check_cross_method_options(loser_safeguard, safeguard_mu, safeguard_scope, entropy_gamma)
         self.backbone = backbone
         self.beta = beta
@@ -458,12 +467,6 @@ class PreferenceDiffusionModule(pl.LightningModule):
         """``auto_beta``: returns the beta this step trained with; after the last micro-batch of an optimizer step,
         moves ``beta`` by [`AutoBeta.next_beta`][lightning_pref.beta.AutoBeta.next_beta] on the loss's
         ``gradient_factor`` averaged over the ranks (so every rank holds the same beta)."""
-        if "gradient_factor" not in metrics:
-            raise ConfigError(
-                f"auto_beta steers the mean sigmoid(-u) of Diffusion-DPO's logit u, and {type(self).__name__}'s loss "
-                "reports none (gradient_factor): remove auto_beta, or use a method with Diffusion-DPO's sigmoid loss "
-                "(e.g. DiffusionDPO with loss_type 'sigmoid')."
-            )
         used = torch.tensor(self.beta)
         if (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0:
             self.beta = self.auto_beta.next_beta(self.beta, float(mean_across_ranks(metrics["gradient_factor"])))

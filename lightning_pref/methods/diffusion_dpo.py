@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from lightning_pref.errors import ConfigError
 from lightning_pref.losses.common import check_preference_loss_options
 from lightning_pref.losses.diffusion_dpo import diffusion_dpo_loss
 from lightning_pref.methods.base import PreferenceDiffusionModule
@@ -24,6 +25,8 @@ class DiffusionDPO(PreferenceDiffusionModule):
     ``scale_lr``, warm-up 500 / 200, caption dropout 0.2, gradient clipping 1.0 (a Trainer option).
     """
 
+    reports_gradient_factor = True  # with loss_type "sigmoid", which the constructor checks under auto_beta
+
     def __init__(
         self,
         *args: Any,
@@ -32,6 +35,11 @@ class DiffusionDPO(PreferenceDiffusionModule):
         **kwargs: Any,
     ):
         check_preference_loss_options(loss_type, label_smoothing)
+        if kwargs.get("auto_beta") and loss_type != "sigmoid":
+            raise ConfigError(
+                f"auto_beta steers the mean sigmoid(-u) of the sigmoid loss, and loss_type={loss_type!r} has none: "
+                "remove auto_beta or use loss_type 'sigmoid'."
+            )
         super().__init__(*args, **kwargs)
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
