@@ -13,10 +13,15 @@ section is read, so no GPUs, strategy or data are needed. The trained weights ar
 every pickled part as plain data ([`lightning_pref.checkpoints`][lightning_pref.checkpoints]: a crafted checkpoint is refused, not run),
 and written as
 
-* a full fine-tune: the denoiser folder (``unet/`` or ``transformer/``) in diffusers format, and, when the
-  base pipeline is a local directory, every other component copied beside it: a complete pipeline;
+* a full fine-tune: each denoiser folder (``unet/`` or ``transformer/``; Wan2.2 A14B's high-noise expert in
+  ``transformer/``, its low-noise one in ``transformer_2/``, an expert the run did not train unchanged) in
+  diffusers format, and, when the base pipeline is a local directory, every other component copied beside
+  it: a complete pipeline (``DiffusionPipeline.from_pretrained(out)``);
 * LoRA: the adapter in diffusers' LoRA format (``pipe.load_lora_weights(out)``), or with ``--merge-lora`` the
-  adapter merged into the denoiser, written like a full fine-tune.
+  adapter merged into the denoiser, written like a full fine-tune. For A14B, each trained expert's adapter in
+  the sub-directory of its pipeline folder, loaded into the base ``WanPipeline`` with
+  ``pipe.load_lora_weights(out / "transformer")`` (high noise) and
+  ``pipe.load_lora_weights(out / "transformer_2", load_into_transformer_2=True)`` (low noise).
 
 ``--trust-pickled-checkpoint`` unpickles without restriction, for a checkpoint your own run wrote that holds
 other objects (the refusal names the one it wanted).
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_pref import checkpoints
 from lightning_pref.backbones.loading import read_model_index
@@ -104,9 +109,29 @@ def load_trained_weights(module: PreferenceDiffusionModule, state: dict[str, Ten
     module.load_state_dict({key: state[key] for key in module.trained_state_keys()}, strict=False)
 
 
-def denoiser_folder(module: PreferenceDiffusionModule) -> str:
-    """The pipeline sub-folder the denoiser loads from (``unet`` or ``transformer``)."""
-    return "unet" if "UNet" in type(module.denoiser).__name__ else "transformer"
+def adapted(networks: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The networks that carry a LoRA adapter (an A14B expert the run did not train has none)."""
+    return {folder: network for folder, network in networks.items() if getattr(network, "peft_config", None)}
+
+
+def write_adapters(networks: dict[str, nn.Module], pretrained: str, out: Path) -> None:
+    """Each adapter in diffusers' LoRA format: in ``out`` for a pipeline of one denoiser, else in ``out/<folder>``
+    of the network it adapts (A14B: ``transformer``, ``transformer_2``)."""
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline_class = getattr(diffusers, read_model_index(pretrained)["_class_name"])
+    for folder, network in adapted(networks).items():
+        # Saved under the keys of the pipeline's first denoiser: WanPipeline's loader reads those for
+        # transformer_2 too (load_into_transformer_2=True). The keys as PEFT names them (diffusers' loaders read
+        # them for every family), and the adapter's config beside them: without it a loader assumes alpha == rank.
+        name = "unet" if folder == "unet" else "transformer"
+        adapter = {
+            f"{name}_lora_layers": get_peft_model_state_dict(network),
+            f"{name}_lora_adapter_metadata": network.peft_config["default"].to_dict(),
+        }
+        directory = out if len(networks) == 1 else out / folder
+        pipeline_class.save_lora_weights(directory, **adapter, safe_serialization=True)
 
 
 def export(
@@ -124,31 +149,23 @@ def export(
     state = read_trained_weights(checkpoint, trust_pickle, opt_in)  # before the base model loads: fail fast
     module = build_module(config)
     load_trained_weights(module, state)
-    denoiser, folder, pretrained = module.denoiser, denoiser_folder(module), module.backbone.pretrained
+    networks, pretrained = module.backbone.pipeline_denoisers(), module.backbone.pretrained
     out.mkdir(parents=True, exist_ok=True)
     if module.finetune == "lora" and not merge_lora:
-        import diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        pipeline_class = getattr(diffusers, read_model_index(pretrained)["_class_name"])
-        # The keys as PEFT names them (diffusers' loaders read them for every family), and the adapter's config
-        # beside them: without it a loader assumes lora_alpha == rank.
-        adapter = {
-            f"{folder}_lora_layers": get_peft_model_state_dict(denoiser),
-            f"{folder}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
-        }
-        pipeline_class.save_lora_weights(out, **adapter, safe_serialization=True)
+        write_adapters(networks, pretrained, out)
         return out
     if module.finetune == "lora":
-        denoiser.fuse_lora()
-        denoiser.unload_lora()  # drops the adapter layers, keeps the merged weights
+        for network in adapted(networks).values():
+            network.fuse_lora()
+            network.unload_lora()  # drops the adapter layers, keeps the merged weights
     if Path(pretrained).is_dir():  # the rest of the base pipeline beside it: a complete, loadable pipeline
         for component in Path(pretrained).iterdir():
-            if component.is_dir() and component.name != folder:
+            if component.is_dir() and component.name not in networks:
                 shutil.copytree(component, out / component.name, dirs_exist_ok=True)
             elif component.is_file():
                 shutil.copy2(component, out / component.name)
-    denoiser.save_pretrained(out / folder, safe_serialization=True)
+    for folder, network in networks.items():  # an expert the run did not train: its base weights, unchanged
+        network.save_pretrained(out / folder, safe_serialization=True)
     (out / "export.json").write_text(
         json.dumps({"checkpoint": str(checkpoint), "config": str(config), "merged_lora": merge_lora})
     )

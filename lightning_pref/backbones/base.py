@@ -173,6 +173,11 @@ class Backbone(nn.Module):
             dropped[key] = torch.where(mask, empty[key].to(value.dtype).expand_as(value), value)
         return dropped
 
+    def pipeline_denoisers(self) -> dict[str, nn.Module]:
+        """The trained networks by the diffusers pipeline folder each loads from, and is exported to: ``unet`` or
+        ``transformer``; Wan2.2 A14B's two experts are ``transformer`` and ``transformer_2``."""
+        return {"unet" if "UNet" in type(self.denoiser).__name__ else "transformer": self.denoiser}
+
     @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device

@@ -358,6 +358,12 @@ class Wan22Backbone(WanBackbone):
         if trained_experts != "both":
             self.process.timestep_range = self.expert_timestep_range(trained_experts, boundary_ratio)
 
+    def pipeline_denoisers(self) -> dict[str, nn.Module]:
+        """A14B: the high-noise expert is the pipeline's ``transformer``, the low-noise one its ``transformer_2``."""
+        if isinstance(self.denoiser, WanExperts):
+            return {"transformer": self.denoiser.high_noise, "transformer_2": self.denoiser.low_noise}
+        return super().pipeline_denoisers()
+
     def check_checkpoint(self, model_index: dict[str, Any], denoiser_config: dict[str, Any]) -> None:
         super().check_checkpoint(model_index, denoiser_config)
         if not has_component(model_index, "transformer_2"):
