@@ -29,6 +29,7 @@ from lightning_pref.tiny import (
     write_tiny_cogvideox_pipeline,
     write_tiny_sd3_pipeline,
     write_tiny_sd_pipeline,
+    write_tiny_wan22_pipeline,
     write_tiny_wan_pipeline,
 )
 from lightning_pref.tiny.image import write_tiny_flux_pipeline
@@ -129,14 +130,19 @@ def test_lora_reference_is_the_sharded_policy_without_adapters(pipeline, single_
 
 
 @pytest.mark.parametrize(
-    ("backbone", "strategy"), [("cogvideox", "zero3"), ("wan", "fsdp2"), ("sd3", "zero3"), ("flux", "fsdp2")]
+    ("backbone", "strategy"),
+    [("cogvideox", "zero3"), ("wan", "fsdp2"), ("sd3", "zero3"), ("flux", "fsdp2"), ("wan22_a14b", "fsdp2")],
 )
 def test_video_and_flow_backbones_shard_and_match_one_process(tmp_path, backbone, strategy):
+    """Wan2.2 A14B: each rank's samples reach one expert or both as their times fall, and FSDP2 gathers every
+    block of both experts on every rank (``WanExperts`` runs an expert no sample reaches on one token). With
+    these streams, steps 2, 3 and 4 each leave one rank with samples of a single expert."""
     writer = {
         "cogvideox": write_tiny_cogvideox_pipeline,
         "wan": write_tiny_wan_pipeline,
         "sd3": write_tiny_sd3_pipeline,
         "flux": write_tiny_flux_pipeline,
+        "wan22_a14b": lambda path: write_tiny_wan22_pipeline(path, layout="a14b"),
     }[backbone]
     pipeline = writer(tmp_path / "pipeline")
     single = fit(pipeline, tmp_path / "single", "single", "full", backbone=backbone)

@@ -20,6 +20,7 @@ from lightning_pref.backbones import (
     FluxBackbone,
     StableDiffusion3Backbone,
     StableDiffusionBackbone,
+    Wan22Backbone,
     WanBackbone,
 )
 from lightning_pref.methods import DiffusionDPO
@@ -34,6 +35,7 @@ BACKBONES = {  # backbone class and the pixel shape of one image or video of its
     "flux": (FluxBackbone, (3, 16, 16)),
     "cogvideox": (CogVideoXBackbone, (3, 5, 16, 16)),
     "wan": (WanBackbone, (3, 5, 16, 16)),
+    "wan22_a14b": (Wan22Backbone, (3, 5, 16, 16)),  # two experts, both trained, samples routed by timestep
 }
 
 

@@ -1,7 +1,7 @@
 """Run by tests/test_strategies.py and tests/hostile/test_checkpoints.py as a script: Lightning's launchers re-execute it for every rank.
 
     python distributed_fit.py PIPELINE OUT_DIR --strategy {single,ddp,zero2,zero3,fsdp2} --finetune {lora,full}
-        [--backbone {sd,sd3,flux,cogvideox,wan}] [--devices N] [--nodes N] [--steps N] [--resume CHECKPOINT]
+        [--backbone {sd,sd3,flux,cogvideox,wan,wan22_a14b}] [--devices N] [--nodes N] [--steps N] [--resume CHECKPOINT]
 
 Fits Diffusion-DPO on a tiny pipeline (default: pixel-space SD) with the same global batch of 4 pairs at every step (so a
 resumed run sees what the uninterrupted one saw), split evenly across processes (rank r trains pairs
