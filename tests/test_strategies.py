@@ -136,7 +136,8 @@ def test_lora_reference_is_the_sharded_policy_without_adapters(pipeline, single_
 def test_video_and_flow_backbones_shard_and_match_one_process(tmp_path, backbone, strategy):
     """Wan2.2 A14B: each rank's samples reach one expert or both as their times fall, and FSDP2 gathers every
     block of both experts on every rank (``WanExperts`` runs an expert no sample reaches on one token). With
-    these streams, steps 2, 3 and 4 each leave one rank with samples of a single expert."""
+    these streams, each of the 4 steps leaves one rank with samples of one expert only (the high-noise expert in
+    steps 1-2, the low-noise one in steps 3-4)."""
     writer = {
         "cogvideox": write_tiny_cogvideox_pipeline,
         "wan": write_tiny_wan_pipeline,
