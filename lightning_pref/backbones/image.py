@@ -14,6 +14,8 @@ import torch
 from diffusers import AutoencoderKL
 from torch import Tensor, nn
 
+from lightning_pref.backbones.base import parameter_dtype
+
 
 class ImagePipelineMixin:
     """The image half of a backbone (mixed in before ``Backbone``).
@@ -50,7 +52,7 @@ class ImagePipelineMixin:
         one generator per image); without a VAE, the pixels themselves."""
         if self.vae is None:
             return pixels
-        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        posterior = self.vae.encode(pixels.to(parameter_dtype(self.vae))).latent_dist
         latents = posterior.sample(generator) if generator is not None else posterior.mode()
         shift = self.vae.config.shift_factor or 0.0
         return (latents - shift) * self.vae.config.scaling_factor
@@ -62,7 +64,7 @@ class ImagePipelineMixin:
             return latents
         shift = self.vae.config.shift_factor or 0.0
         latents = latents / self.vae.config.scaling_factor + shift
-        return self.vae.decode(latents.to(self.vae.dtype)).sample
+        return self.vae.decode(latents.to(parameter_dtype(self.vae))).sample
 
 
 class MMDiTMixin(ImagePipelineMixin):
@@ -80,7 +82,7 @@ class MMDiTMixin(ImagePipelineMixin):
         """T5's last hidden states of ``max_sequence_length`` tokens (at most the tokenizer's ``model_max_length``),
         in the denoiser's dtype."""
         length = min(self.max_sequence_length, tokenizer.model_max_length)
-        return text_encoder(self.tokenize(tokenizer, prompts, length))[0].to(self.denoiser.dtype)
+        return text_encoder(self.tokenize(tokenizer, prompts, length))[0].to(parameter_dtype(self.denoiser))
 
     def conditioning_widths(self) -> dict[str, int]:
         config = self.denoiser.config

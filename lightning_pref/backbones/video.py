@@ -16,7 +16,7 @@ from diffusers import DDPMScheduler, ModelMixin
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedModel
 
-from lightning_pref.backbones.base import Backbone, Conditioning
+from lightning_pref.backbones.base import Backbone, Conditioning, parameter_dtype
 from lightning_pref.backbones.loading import frozen, read_model_index, torch_dtype
 from lightning_pref.errors import ConfigError
 
@@ -116,21 +116,23 @@ class TextToVideoBackbone(Backbone):
             return_tensors="pt",
         ).to(self.device)
         if not self.mask_prompt_padding:
-            return {"encoder_hidden_states": self.text_encoder(tokens.input_ids)[0].to(self.denoiser.dtype)}
-        hidden = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0].to(self.denoiser.dtype)
+            return {"encoder_hidden_states": self.text_encoder(tokens.input_ids)[0].to(parameter_dtype(self.denoiser))}
+        hidden = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0].to(
+            parameter_dtype(self.denoiser)
+        )
         return {"encoder_hidden_states": hidden * tokens.attention_mask.unsqueeze(-1).to(hidden.dtype)}
 
     @torch.no_grad()
     def encode_pixels(self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
         """``(B, C, F, H, W)`` pixels to latents: the posterior's mode, or a sample drawn with ``generator`` (a
         list: one generator per video)."""
-        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        posterior = self.vae.encode(pixels.to(parameter_dtype(self.vae))).latent_dist
         return self.normalize_latents(posterior.sample(generator) if generator is not None else posterior.mode())
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Latents to ``(B, C, F, H, W)`` pixels in [-1, 1]."""
-        return self.vae.decode(self.denormalize_latents(latents).to(self.vae.dtype)).sample
+        return self.vae.decode(self.denormalize_latents(latents).to(parameter_dtype(self.vae))).sample
 
     def normalize_latents(self, vae_latents: Tensor) -> Tensor:
         """The VAE's ``(B, C, F, H, W)`` latents as the denoiser's clean latents ``x0``."""
