@@ -54,3 +54,28 @@ def tiny_shards(tmp_path_factory):
 @pytest.fixture
 def sd_backbone(tiny_sd):
     return StableDiffusionBackbone(str(tiny_sd))
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_sd(tmp_path_factory):
+    """A tiny pixel-space SD pipeline (8x8 pixels, epsilon): what ``scripts/distributed_fit.py`` trains."""
+    return write_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_pixel_sd"), pixel_space=True)
+
+
+@pytest.fixture(scope="session")
+def distributed_run(tiny_pixel_sd, tmp_path_factory):
+    """``distributed_run(strategy, finetune="full")``: the per-rank records and the output folder of a 4-step
+    ``scripts/distributed_fit.py`` run on ``tiny_pixel_sd`` (two processes unless ``strategy`` is ``single``),
+    run once per session: the strategy tests and the hostile-checkpoint tests read the same runs."""
+    from helpers.distributed import fit
+
+    runs = {}
+
+    def run(strategy: str, finetune: str = "full"):
+        if (strategy, finetune) not in runs:
+            out = tmp_path_factory.mktemp(f"{strategy}-{finetune}") / "run"
+            devices = 1 if strategy == "single" else 2
+            runs[strategy, finetune] = fit(tiny_pixel_sd, out, strategy, finetune, devices=devices), out
+        return runs[strategy, finetune]
+
+    return run

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from diffusers import UNet2DConditionModel
-from helpers.cli import tiny_config, write_config
+from helpers.cli import resolved_config, tiny_config, write_config
 from helpers.distributed import BETA, fit, write_run_config
 from helpers.processes import REPO, SCRIPTS, script_env
 from safetensors.torch import load_file
@@ -28,7 +28,6 @@ from lightning_pref.export import export
 from lightning_pref.tiny import (
     write_tiny_cogvideox_pipeline,
     write_tiny_sd3_pipeline,
-    write_tiny_sd_pipeline,
     write_tiny_wan22_pipeline,
     write_tiny_wan_pipeline,
 )
@@ -79,24 +78,23 @@ def assert_same_run(records: list[dict], expected: list[dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    return write_tiny_sd_pipeline(tmp_path_factory.mktemp("pipe"), pixel_space=True)
+def pipeline(tiny_pixel_sd):
+    return tiny_pixel_sd
 
 
 @pytest.fixture(scope="module")
-def single_process(pipeline, tmp_path_factory):
+def single_process(distributed_run):
     """The single-process runs every multi-process run must reproduce, per fine-tuning mode."""
-    root = tmp_path_factory.mktemp("single")
-    return {finetune: fit(pipeline, root / finetune, "single", finetune) for finetune in ("full", "lora")}
+    return {finetune: distributed_run("single", finetune)[0] for finetune in ("full", "lora")}
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp2"])
-def test_two_processes_match_one_save_and_resume(pipeline, single_process, tmp_path, strategy):
-    records = fit(pipeline, tmp_path / "run", strategy, "full", devices=2)
+def test_two_processes_match_one_save_and_resume(pipeline, single_process, distributed_run, tmp_path, strategy):
+    records, run = distributed_run(strategy)
     assert_same_run(records, single_process["full"])
     losses = mean_losses(records)
     assert losses["4"] != losses["1"]  # it trained
-    assert (tmp_path / "run" / "samples" / "before_after.png").exists()  # sampling with sharded weights did not hang
+    assert (run / "samples" / "before_after.png").exists()  # sampling with sharded weights did not hang
     for record in records:
         assert record["reference_change"] == 0.0  # the frozen reference never moved
         if strategy in ("zero3", "fsdp2"):  # partitioned, not silently replicated
@@ -105,7 +103,7 @@ def test_two_processes_match_one_save_and_resume(pipeline, single_process, tmp_p
         else:
             assert record["reference_local"] == record["reference_total"]
 
-    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints = run / "checkpoints"
     resumed = fit(pipeline, tmp_path / "resumed", strategy, "full", devices=2, resume=checkpoints / "step=2.ckpt")
     assert list(mean_losses(resumed)) == ["3", "4"]  # continues at step 3...
     for step in ("3", "4"):  # ...exactly where the uninterrupted run went: the same processes, bit for bit
@@ -114,7 +112,7 @@ def test_two_processes_match_one_save_and_resume(pipeline, single_process, tmp_p
 
     # The last checkpoint, consolidated into a diffusers UNet, holds exactly the weights training ended with.
     exported = export(write_run_config(pipeline, tmp_path, "full"), checkpoints / "step=4.ckpt", tmp_path / "exported")
-    final = load_file(tmp_path / "run" / "final_denoiser.safetensors")
+    final = load_file(run / "final_denoiser.safetensors")
     unet = UNet2DConditionModel.from_pretrained(exported / "unet")
     assert unet.state_dict().keys() == final.keys()
     for key, value in unet.state_dict().items():
@@ -123,8 +121,8 @@ def test_two_processes_match_one_save_and_resume(pipeline, single_process, tmp_p
 
 
 @pytest.mark.parametrize("strategy", ["zero3", "fsdp2"])
-def test_lora_reference_is_the_sharded_policy_without_adapters(pipeline, single_process, tmp_path, strategy):
-    records = fit(pipeline, tmp_path / "run", strategy, "lora", devices=2)
+def test_lora_reference_is_the_sharded_policy_without_adapters(single_process, distributed_run, strategy):
+    records, _ = distributed_run(strategy, "lora")
     assert_same_run(records, single_process["lora"])
     assert all(record["reference_change"] == 0.0 and not record["reference_sharded"] for record in records)
 
@@ -182,17 +180,14 @@ def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_every_strategy_preset_composes_with_a_run_config(tiny_sd, tiny_shards, tmp_path):
+def test_every_strategy_preset_composes_with_a_run_config(tiny_sd, tiny_shards, tmp_path, capsys):
     config = write_config(tiny_config(tiny_sd, tiny_shards, tmp_path), tmp_path)
     assert {preset.stem for preset in PRESETS} >= {"ddp", "zero2", "zero2_offload", "zero3", "zero3_offload", "fsdp2"}
     for preset in PRESETS:
-        result = cli(["fit", "--config", str(config), "--config", str(preset), "--print_config"], tmp_path)
-        assert result.returncode == 0, (preset.name, result.stderr[-2000:])
-        printed = result.stdout[result.stdout.index("seed_everything") :]  # after DeepSpeed's start-up log lines
-        strategy, wanted = (
-            yaml.safe_load(printed)["trainer"]["strategy"],
-            yaml.safe_load(preset.read_text())["trainer"]["strategy"],
-        )
+        strategy = resolved_config(["fit", "--config", str(config), "--config", str(preset)], capsys)["trainer"][
+            "strategy"
+        ]
+        wanted = yaml.safe_load(preset.read_text())["trainer"]["strategy"]
         if isinstance(wanted, str):
             assert strategy == wanted
         else:  # the printed config spells out every default besides the preset's choices

@@ -77,11 +77,17 @@ class LrRecordingDPO(DiffusionDPO):
 
 def printed_config(name, capsys):
     """``examples/<name>`` as the CLI resolves it (``fit --print_config``: no model is built, nothing loaded)."""
+    return resolved_config(["fit", "--config", str(REPO / "examples" / name)], capsys)
+
+
+def resolved_config(args, capsys):
+    """The config ``lightning-pref <args> --print_config`` prints, run in this process (no model is built)."""
     import pytest
 
     from lightning_pref.cli import main as cli_main
 
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", "--config", str(REPO / "examples" / name), "--print_config"])
+        cli_main([*args, "--print_config"])
     assert exit_info.value.code in (0, None)
-    return yaml.safe_load(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    return yaml.safe_load(printed[printed.index("seed_everything") :])  # after any start-up log lines

@@ -25,7 +25,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from helpers.cli import tiny_config, write_config
-from helpers.distributed import fit, global_batch, training_module, write_run_config
+from helpers.distributed import global_batch, training_module, write_run_config
 from helpers.training import trainer
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.api import CheckpointException
@@ -38,7 +38,6 @@ from lightning_pref.errors import CheckpointError, UserError
 from lightning_pref.export import export, export_main
 from lightning_pref.methods import DiffusionDPO
 from lightning_pref.strategies import STRATEGY_OPT_IN, DeepSpeedStrategy, ModelParallelStrategy
-from lightning_pref.tiny import write_tiny_sd_pipeline
 
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip compiling the shared-memory comm op
 
@@ -111,18 +110,18 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    return write_tiny_sd_pipeline(tmp_path_factory.mktemp("pipe"), pixel_space=True)
+def pipeline(tiny_pixel_sd):
+    return tiny_pixel_sd
 
 
 @pytest.fixture(scope="module")
-def genuine(pipeline, tmp_path_factory):
-    """Per format: the last checkpoint of a real 4-step run, and the weights that run ended with."""
-    root = tmp_path_factory.mktemp("genuine")
+def genuine(distributed_run):
+    """Per format: the last checkpoint of a real 4-step run (the strategy tests' runs), and the weights that run
+    ended with."""
     runs = {}
     for kind, strategy in RUNS.items():
-        fit(pipeline, root / kind, strategy, "full", devices=1 if kind == "file" else 2)
-        runs[kind] = root / kind / "checkpoints" / "step=4.ckpt", load_file(root / kind / "final_denoiser.safetensors")
+        _, out = distributed_run(strategy)
+        runs[kind] = out / "checkpoints" / "step=4.ckpt", load_file(out / "final_denoiser.safetensors")
     return runs
 
 
