@@ -192,18 +192,21 @@ class Backbone(nn.Module):
         guidance_scale: float = 5.0,
         initial_noise: Tensor | None = None,
         decode: bool = True,
+        conditioning: Conditioning | None = None,
     ) -> Tensor:
         """Generate one image per prompt with classifier-free guidance; returns pixels in [0, 1] (with
         ``decode=False``, the clean latents).
 
         ``initial_noise`` (of ``latent_shape``) fixes the starting noise, so two denoisers (say, the base and
         the tuned model) can be compared on identical seeds; without it, the noise is drawn from the global RNG.
+        ``conditioning``: the prompts' conditioning when the caller has made it (FLUX adds its guidance to it);
+        by default ``encode_prompts(prompts)``.
         """
         denoiser = denoiser if denoiser is not None else self.denoiser
         device = self.device
         scheduler = self.process.sampling_scheduler()
         scheduler.set_timesteps(num_inference_steps, device=device)
-        conditioning = self.encode_prompts(prompts)
+        conditioning = self.encode_prompts(prompts) if conditioning is None else conditioning
         guided = guidance_scale != 1.0
         if guided:
             empty = self.encode_prompts([""] * len(prompts))

@@ -139,7 +139,6 @@ class FluxBackbone(MMDiTMixin, Backbone):
             logit_std=logit_std,
             error_weighting=error_weighting,
         )
-        self.sampling_guidance: float | None = None  # set by `sample` for its loop
 
     def training_guidance(self, guidance: float | None, guidance_embeds: bool) -> float | None:
         """The guidance value training feeds the transformer: ``guidance`` or 1.0 with guidance embeds, else none."""
@@ -171,15 +170,17 @@ class FluxBackbone(MMDiTMixin, Backbone):
 
     def predict(self, denoiser: nn.Module, x_t: Tensor, timesteps: Tensor, conditioning: Conditioning) -> Tensor:
         """The velocity ``eps - x0`` of ``(B, 16, H, W)`` latents; ``timesteps`` are ``s * 1000``, as the scheduler
-        hands them out (the transformer takes ``s``). The guidance is ``sample``'s while it samples, else the
-        training ``guidance`` (none for schnell)."""
+        hands them out (the transformer takes ``s``). The guidance is the conditioning's ``guidance`` (what
+        ``sample`` embeds), else the training ``guidance`` (none for schnell)."""
         batch, _, height, width = x_t.shape
         hidden = conditioning["encoder_hidden_states"]
-        guidance = self.sampling_guidance if self.sampling_guidance is not None else self.guidance
+        guidance = conditioning.get("guidance")
+        if guidance is None and self.guidance is not None:
+            guidance = torch.full((batch,), self.guidance, device=x_t.device)
         velocity = denoiser(
             hidden_states=pack_latents(x_t),
             timestep=timesteps / self.process.num_train_timesteps,
-            guidance=None if guidance is None else torch.full((batch,), guidance, device=x_t.device),
+            guidance=guidance,
             pooled_projections=conditioning["pooled_projections"],
             encoder_hidden_states=hidden,
             txt_ids=hidden.new_zeros(hidden.shape[1], 3),
@@ -198,20 +199,22 @@ class FluxBackbone(MMDiTMixin, Backbone):
         guidance_scale: float = 3.5,
         initial_noise: Tensor | None = None,
         decode: bool = True,
+        conditioning: Conditioning | None = None,
     ) -> Tensor:
         """Generate one image per prompt as ``FluxPipeline`` does (28 steps, guidance 3.5 by default): the sigmas
         ``linspace(1, 1/N, N)`` shifted by the image token count, and ``guidance_scale`` embedded in the
-        transformer of a guidance-distilled checkpoint (one forward a step, no unconditional branch); a checkpoint
-        without guidance embeds (schnell) ignores it. Returns pixels in [0, 1] (with ``decode=False``, latents)."""
-        self.sampling_guidance = float(guidance_scale) if self.guidance is not None else None
-        try:  # guidance_scale=1: the base sampler's loop without classifier-free guidance
-            return super().sample(
-                prompts,
-                denoiser=denoiser,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=1.0,
-                initial_noise=initial_noise,
-                decode=decode,
-            )
-        finally:
-            self.sampling_guidance = None
+        transformer of a guidance-distilled checkpoint (one forward a step, no unconditional branch): it travels
+        as the conditioning's ``guidance``. A checkpoint without guidance embeds (schnell) ignores it. Returns
+        pixels in [0, 1] (with ``decode=False``, latents)."""
+        conditioning = dict(self.encode_prompts(prompts) if conditioning is None else conditioning)
+        if self.guidance is not None:
+            conditioning["guidance"] = torch.full((len(prompts),), float(guidance_scale), device=self.device)
+        return super().sample(  # guidance_scale=1: the base sampler's loop without classifier-free guidance
+            prompts,
+            denoiser=denoiser,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=1.0,
+            initial_noise=initial_noise,
+            decode=decode,
+            conditioning=conditioning,
+        )

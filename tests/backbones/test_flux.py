@@ -193,7 +193,10 @@ def test_sampler_embeds_the_guidance_without_doubling_and_uses_fluxs_sigmas(tiny
     expected = shift * sigmas / (1 + (shift - 1) * sigmas)
     timesteps = torch.stack([t[0] for _, t, _ in recorder.calls]).double()
     torch.testing.assert_close(timesteps, expected, rtol=1e-6, atol=0)  # the fp32 rounding of the schedule
-    assert backbone.sampling_guidance is None  # training goes back to its own guidance
+    recorder.calls.clear()  # a training forward after sampling feeds the training guidance
+    latents = torch.zeros(backbone.latent_shape(len(PROMPTS)))
+    backbone.predict(recorder, latents, torch.full((len(PROMPTS),), 500.0), backbone.encode_prompts(PROMPTS))
+    assert recorder.calls[0][2].tolist() == [backbone.guidance] * len(PROMPTS) != [3.5] * len(PROMPTS)
 
 
 def test_generate_samples_flux_with_embedded_guidance(tiny_flux_dev):
