@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from lightning_pref.datamodules.media import encode_video
 from lightning_pref.errors import ConfigError, check_whole_numbers
+from lightning_pref.losses.common import win_fraction, win_terms
 from lightning_pref.rewards import RewardModel
 
 #: seconds a sampling round runs before its progress bar appears (short rounds show none)
@@ -171,9 +172,7 @@ class SampleGrid(pl.Callback):
                 "reward": self.reward.name,
                 "mean_before": before_rewards.mean().item(),
                 "mean_after": after_rewards.mean().item(),
-                "win_rate": ((after_rewards > before_rewards).float() + 0.5 * (after_rewards == before_rewards).float())
-                .mean()
-                .item(),
+                "win_rate": win_fraction(after_rewards, before_rewards).item(),
                 "per_image": [
                     {"prompt": p, "seed": self.seed + i, "before": b, "after": a}
                     for i, (p, b, a) in enumerate(zip(self.prompts, before_rewards.tolist(), after_rewards.tolist()))
@@ -190,12 +189,6 @@ def scores_of(scorer: RewardModel, samples: Tensor, prompts: list[str]) -> Tenso
     frames_as_images = samples.transpose(1, 2).flatten(0, 1)  # (N * F, 3, H, W), video by video
     frame_prompts = [prompt for prompt in prompts for _ in range(frames)]
     return scorer.score(frames_as_images, frame_prompts).float().view(count, frames).mean(dim=1)
-
-
-def win_rate_terms(policy: Tensor, reference: Tensor) -> Tensor:
-    """1 where the policy's sample scores higher than the reference's from the same seed, 1/2 on a tie, else 0:
-    the per-prompt terms of [`win_fraction`][lightning_pref.losses.win_fraction], to be averaged across ranks."""
-    return (policy > reference).float() + 0.5 * (policy == reference).float()
 
 
 class SampleLogger(pl.Callback):
@@ -369,7 +362,7 @@ class SampleLogger(pl.Callback):
             for source, by_scorer in scores.items():
                 terms[self.metric_name(scorer, source)] = by_scorer[scorer.name]
             if "reference" in scores:
-                terms[self.metric_name(scorer, "win_rate")] = win_rate_terms(
+                terms[self.metric_name(scorer, "win_rate")] = win_terms(
                     scores["policy"][scorer.name], scores["reference"][scorer.name]
                 )
         metrics = {}

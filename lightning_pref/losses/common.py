@@ -101,6 +101,12 @@ def preference_loss(
     return (margin / beta - 1 / (2 * beta)) ** 2
 
 
+def win_terms(score: Tensor, other: Tensor | float = 0.0) -> Tensor:
+    """Per element, 1 where ``score > other``, 1/2 on a tie, else 0: the terms
+    [`win_fraction`][lightning_pref.losses.win_fraction] averages (kept apart to be averaged across ranks)."""
+    return (score > other).float() + 0.5 * (score == other).float()
+
+
 def win_fraction(score: Tensor, other: Tensor | float = 0.0) -> Tensor:
     """The fraction of ``score > other``, ties (``score == other``) counting one half.
 
@@ -120,7 +126,7 @@ def win_fraction(score: Tensor, other: Tensor | float = 0.0) -> Tensor:
         >>> win_fraction(torch.tensor([2.0, 0.0, -1.0, 3.0]))   # (1 + 1/2 + 0 + 1) / 4
         tensor(0.6250)
     """
-    return ((score > other).float() + 0.5 * (score == other).float()).mean()
+    return win_terms(score, other).mean()
 
 
 def margin_metrics(margin: Tensor) -> dict[str, Tensor]:
