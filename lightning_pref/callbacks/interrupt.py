@@ -32,7 +32,9 @@ class SaveOnSigterm(pl.Callback):
         self.grace_seconds = grace_seconds
         self.deadline: threading.Timer | None = None
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Put the deadline in front of Lightning's SIGTERM handler. Lightning has registered its handlers by now
+        and puts back the ones from before the fit when the fit ends (or fails), so none of this outlives it."""
         previous = signal.getsignal(signal.SIGTERM)
 
         def start_deadline(signum: int, frame: Any) -> None:
@@ -44,7 +46,7 @@ class SaveOnSigterm(pl.Callback):
                 previous(signum, frame)
 
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, start_deadline)  # Lightning adds its own handler after this one
+            signal.signal(signal.SIGTERM, start_deadline)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):

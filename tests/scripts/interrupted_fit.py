@@ -45,6 +45,9 @@ class RecordAndKill(pl.Callback):
 
 def main() -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that sees a hang asks where it is
+    # Ctrl-C reaches a fit in a terminal's foreground, where SIGINT raises KeyboardInterrupt. A suite started in the
+    # background of a non-interactive shell (`sh -c 'make test &'`) hands its processes SIGINT ignored; undo that.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = argparse.ArgumentParser()
     parser.add_argument("pipeline")
     parser.add_argument("shards")
