@@ -22,7 +22,7 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check lightning_pref tests benchmarks examples
 	$(BIN)/ruff format --check lightning_pref tests benchmarks examples
-	$(BIN)/python -m pytest -q tests --doctest-modules lightning_pref
+	$(BIN)/python -m pytest -q tests --doctest-modules lightning_pref --durations=20
 	@# no --quiet: it silences the warnings that --strict counts, and the build then always passes
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir build/site
 

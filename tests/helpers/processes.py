@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import os
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -33,13 +36,40 @@ def script_env(**extra: str) -> dict[str, str]:
     }
 
 
+def dump_stacks_on_request() -> None:
+    """Called first by every script of ``tests/scripts/``: SIGUSR1 prints every thread's traceback (``finish`` sends
+    it to a run that hangs; the process, and the dataloader workers it forks, go on)."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def group_members(group: int) -> list[int]:
+    """The pids of a process group's live members (read from ``/proc``), leader first."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == group:
+                members.append(int(stat.parent.name))
+    return sorted(members, key=lambda pid: (pid != group, pid))
+
+
 def finish(process: subprocess.Popen, timeout: float = 300) -> str:
     """Wait for a script started with ``start_new_session=True`` and return its output. One that has not ended
-    after ``timeout`` seconds is killed with its whole process group (every rank and dataloader worker) and
-    fails with the end of its output, so a stuck rendezvous or worker shows where it stopped."""
+    after ``timeout`` seconds is asked for its tracebacks, one process of its group at a time (SIGUSR1: every
+    rank and dataloader worker of a script that called ``dump_stacks_on_request`` prints its threads'), then
+    killed with the group, and fails with the end of its output, so a stuck rendezvous or worker shows where
+    it stopped."""
     try:
         return process.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        members = group_members(process.pid)
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+            time.sleep(0.5)  # one dump after the other, not interleaved
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         output = process.communicate()[0]
-        raise AssertionError(f"the script did not end within {timeout} s; its output ends:\n{output[-4000:]}") from None
+        raise AssertionError(
+            f"the script did not end within {timeout} s; the tracebacks near its end are of pids {members}, in "
+            f"that order (the first is the script, rank 0); its output ends:\n{output[-16000:]}"
+        ) from None

@@ -23,6 +23,7 @@ import deepspeed.ops
 import lightning.pytorch as pl
 import torch
 from helpers.distributed import BACKBONES, GLOBAL_BATCH, global_batch, training_module
+from helpers.processes import dump_stacks_on_request
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
 from safetensors.torch import save_file
@@ -124,6 +125,7 @@ def strategy_for(name: str, processes: int):
 
 
 def main() -> None:
+    dump_stacks_on_request()
     parser = argparse.ArgumentParser()
     parser.add_argument("pipeline")
     parser.add_argument("out_dir", type=Path)

@@ -13,13 +13,13 @@ cleanup, no final checkpoint, as a preempted job dies. At the end rank 0 writes 
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import os
 import signal
 from pathlib import Path
 
 import lightning.pytorch as pl
+from helpers.processes import dump_stacks_on_request
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import save_file
 
@@ -44,7 +44,7 @@ class RecordAndKill(pl.Callback):
 
 
 def main() -> None:
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test that sees a hang asks where it is
+    dump_stacks_on_request()
     # Ctrl-C reaches a fit in a terminal's foreground, where SIGINT raises KeyboardInterrupt. A suite started in the
     # background of a non-interactive shell (`sh -c 'make test &'`) hands its processes SIGINT ignored; undo that.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -18,6 +18,7 @@ import deepspeed.ops
 import lightning.pytorch as pl
 import torch
 from helpers.pairs import random_pairs
+from helpers.processes import dump_stacks_on_request
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
@@ -66,6 +67,7 @@ class Record(pl.Callback):
 
 
 def main() -> None:
+    dump_stacks_on_request()
     parser = argparse.ArgumentParser()
     parser.add_argument("pipeline")
     parser.add_argument("out_dir", type=Path)

@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from helpers.pairs import random_pairs
+from helpers.processes import dump_stacks_on_request
 from helpers.training import perturb_lora
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
@@ -44,6 +45,7 @@ class RankPairs(pl.LightningDataModule):
 
 
 def main() -> None:
+    dump_stacks_on_request()
     parser = argparse.ArgumentParser()
     parser.add_argument("pipeline")
     parser.add_argument("out_dir", type=Path)
