@@ -52,6 +52,20 @@ def group_members(group: int) -> list[int]:
     return sorted(members, key=lambda pid: (pid != group, pid))
 
 
+def dump_stacks_and_kill(process: subprocess.Popen) -> list[int]:
+    """Ask each live process of the group that ``process`` leads (started with ``start_new_session=True``) for its
+    threads' tracebacks, one at a time so the dumps do not interleave, then kill the group; return the pids in
+    the order they were asked."""
+    members = group_members(process.pid)
+    for pid in members:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    return members
+
+
 def finish(process: subprocess.Popen, timeout: float = 300) -> str:
     """Wait for a script started with ``start_new_session=True`` and return its output. One that has not ended
     after ``timeout`` seconds is asked for its tracebacks, one process of its group at a time (SIGUSR1: every
@@ -61,13 +75,7 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> str:
     try:
         return process.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
-        members = group_members(process.pid)
-        for pid in members:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGUSR1)
-            time.sleep(0.5)  # one dump after the other, not interleaved
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        members = dump_stacks_and_kill(process)
         output = process.communicate()[0]
         raise AssertionError(
             f"the script did not end within {timeout} s; the tracebacks near its end are of pids {members}, in "

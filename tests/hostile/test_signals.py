@@ -9,7 +9,6 @@ next step. SIGINT (Ctrl-C) stops it through Lightning's graceful shutdown. Nothi
 from __future__ import annotations
 
 import inspect
-import os
 import signal
 import subprocess
 import time
@@ -19,7 +18,7 @@ import lightning.pytorch as pl
 import pytest
 from helpers.interrupted import losses, script_command, write_resume_shards
 from helpers.pairs import pair_loader
-from helpers.processes import script_env
+from helpers.processes import dump_stacks_and_kill, script_env
 from helpers.training import trainer
 from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
 
@@ -65,16 +64,14 @@ def start_and_signal(pipeline, shards, out: Path, signum: int) -> tuple[int, flo
     except subprocess.TimeoutExpired:
         masks = signal_masks(process.pid)
         dump_starts = stderr.stat().st_size
-        process.send_signal(signal.SIGUSR1)
-        time.sleep(3)
-        os.killpg(process.pid, signal.SIGKILL)
+        members = dump_stacks_and_kill(process)
         process.wait()
         output = stderr.read_text()
-        dump = output[dump_starts : dump_starts + 8000]  # the threads' tracebacks, not later log lines
+        dump = output[dump_starts : dump_starts + 16000]  # the threads' tracebacks, not later log lines
         swallowed = [line for line in output.splitlines() if line.startswith("Exception ignored")]
         raise AssertionError(
             f"the fit still ran 30 s after the signal; its signal masks: {masks} (this test's: {signal_masks('self')}); "
-            f"exceptions Python ignored: {swallowed}; where its threads were:\n{dump}"
+            f"exceptions Python ignored: {swallowed}; the tracebacks of pids {members}, in that order:\n{dump}"
         ) from None
     return status, time.monotonic() - sent
 
