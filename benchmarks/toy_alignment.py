@@ -35,6 +35,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,11 +56,23 @@ def methods() -> list[str]:
     return sorted(path.stem for path in CONFIGS.glob("*.yaml"))
 
 
-def data_class(method: str) -> str:
-    """The name of the DataModule class a method's toy config trains with."""
+def config(method: str) -> dict:
     import yaml
 
-    return yaml.safe_load((CONFIGS / f"{method}.yaml").read_text())["data"]["class_path"].rsplit(".", 1)[-1]
+    return yaml.safe_load((CONFIGS / f"{method}.yaml").read_text())
+
+
+def data_class(method: str) -> str:
+    """The name of the DataModule class a method's toy config trains with."""
+    return config(method)["data"]["class_path"].rsplit(".", 1)[-1]
+
+
+def inversion_store(args: argparse.Namespace) -> Path | None:
+    """Where a row's seeds share their inversions, if its config keeps them on disk (Inversion-DPO's
+    ``inversion_cache_dir``): in the row's directory, emptied when the row starts, so every row starts cold."""
+    if "inversion_cache_dir" not in config(args.method)["model"]["init_args"]:
+        return None
+    return args.out / args.name / "inversions"
 
 
 def baseline_of(method: str) -> str:
@@ -184,6 +197,7 @@ def train_and_evaluate(args: argparse.Namespace, seed: int) -> dict:
         "--data.init_args.seed",
         str(seed),
         *training_data(args.method, paths),
+        *(["--model.init_args.inversion_cache_dir", str(store)] if (store := inversion_store(args)) else []),
         "--trainer.default_root_dir",
         str(run_dir),
         "--trainer.logger",
@@ -247,6 +261,8 @@ def run_method(args: argparse.Namespace) -> dict:
     shared_inputs(args)
     row_dir = args.out / args.name
     row_dir.mkdir(parents=True, exist_ok=True)
+    if (store := inversion_store(args)) is not None:
+        shutil.rmtree(store, ignore_errors=True)
     runs = []
     threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
     for first in range(0, len(args.seeds), args.jobs):  # rounds of `jobs` seeds (by default one round of all)

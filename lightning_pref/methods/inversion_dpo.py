@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
 from torch import Tensor, nn
 
 from lightning_pref.backbones.base import Conditioning, concat_conditioning, conditioning_in, parameter_dtype
@@ -42,40 +47,68 @@ class InvertedSamples(NoisySamples):
     cached_fraction: float | None = None
 
 
+def frozen_tensors(network: nn.Module, exclude: set[int]) -> list[Tensor]:
+    """The parameters and buffers of ``network`` outside ``exclude`` (ids): the reference's weights, once the
+    policy's trained parameters are excluded."""
+    return [tensor for tensor in (*network.parameters(), *network.buffers()) if id(tensor) not in exclude]
+
+
 def weights_version(network: nn.Module, exclude: set[int]) -> tuple[int, int]:
-    """How many parameters and buffers of ``network`` lie outside ``exclude`` (ids), and the sum of their in-place
-    write counters (``Tensor._version``): it grows whenever one of them is overwritten in place (``install()``
-    copies a snapshot into the reference, ``load_state_dict``), and stays put when they only move between devices
-    or dtypes. Conservative: a write to any frozen tensor of the network counts, whether the reference uses it
-    (its weights, a LoRA snapshot adapter) or not (another frozen adapter)."""
-    tensors = [tensor for tensor in (*network.parameters(), *network.buffers()) if id(tensor) not in exclude]
+    """How many [`frozen_tensors`][lightning_pref.methods.inversion_dpo.frozen_tensors] ``network`` has, and the sum
+    of their in-place write counters (``Tensor._version``): it grows whenever one of them is overwritten in place
+    (``install()`` copies a snapshot into the reference, ``load_state_dict``), and stays put when they only move
+    between devices or dtypes. Conservative: a write to any frozen tensor of the network counts, whether the
+    reference uses it (its weights, a LoRA snapshot adapter) or not (another frozen adapter)."""
+    tensors = frozen_tensors(network, exclude)
     return len(tensors), sum(tensor._version for tensor in tensors)
 
 
 class InversionCache:
-    """The reference's DDIM inversions of the last ``capacity`` samples (least recently used dropped), on the CPU.
+    """The reference's DDIM inversions of the last ``capacity`` samples (least recently used dropped), on the CPU,
+    and, with a ``directory``, every inversion made, on disk.
 
     An entry is keyed by a hash of the sample's clean latent and its inversion conditioning (so a changed sample,
     crop or dropped caption is a new entry) and holds the sample's
     [`trained_points`][lightning_pref.methods.inversion_dpo.InversionDPO.trained_points] at all ``N`` steps (``N``
     latents, and ``N`` noise predictions for ``target="reference"``). Every entry is of one reference version
     ([`weights_version`][lightning_pref.methods.inversion_dpo.weights_version]): a changed reference empties the
-    cache.
+    memory.
+
+    On disk an entry is ``<directory>/<inversion>/<key>.safetensors``, where ``<inversion>`` is a hash of the
+    reference's weights and of the inversion's settings (``settings``): runs that invert the same samples with the
+    same reference share their inversions (the seeds of a sweep, a resumed or repeated fit), and a changed
+    reference or setting starts a new folder. Its samples are inverted ``INVERSION_CHUNK`` at a time, so a file
+    holds the same numbers whichever run wrote it. A file is written under a temporary name and renamed, so processes
+    sharing the directory never read half a file; one that cannot be read is counted in ``unreadable``, inverted
+    again and rewritten.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, directory: str | Path | None = None, settings: str = ""):
         self.capacity = capacity
+        self.directory = Path(directory) if directory is not None else None
+        self.settings = settings
         self.entries: OrderedDict[str, tuple[Tensor, ...]] = OrderedDict()
         self.version: tuple[int, int] | None = None
+        self.folder: Path | None = None
+        self.unreadable = 0
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def use_version(self, version: tuple[int, int]) -> None:
-        """Empty the cache if the reference is not the one its entries were inverted by."""
-        if version != self.version:
-            self.entries.clear()
-            self.version = version
+    def use_version(self, version: tuple[int, int], weights: Callable[[], list[Tensor]]) -> None:
+        """Empty the memory if the reference is not the one its entries were inverted by; with a directory, move
+        to the folder of this reference's ``weights`` (hashed only when the version changes)."""
+        if version == self.version:
+            return
+        self.entries.clear()
+        self.version = version
+        if self.directory is not None:
+            digest = hashlib.blake2b(self.settings.encode(), digest_size=16)
+            for tensor in weights():
+                digest.update(repr((tensor.dtype, tuple(tensor.shape))).encode())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            self.folder = self.directory / digest.hexdigest()
+            self.folder.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def keys(x0: Tensor, conditioning: Conditioning) -> list[str]:
@@ -94,10 +127,31 @@ class InversionCache:
         entry = self.entries.get(key)
         if entry is not None:
             self.entries.move_to_end(key)
+            return entry
+        if self.folder is None or not (self.folder / f"{key}.safetensors").exists():
+            return None
+        try:
+            stored = load((self.folder / f"{key}.safetensors").read_bytes())  # read whole: no map of a shared file
+            entry = tuple(stored[str(part)] for part in range(len(stored)))
+        except (OSError, KeyError, SafetensorError) as error:
+            self.unreadable += 1
+            log.warning("inversion cache: %s is unreadable (%s); inverting the sample again", key, error)
+            return None
+        self.remember(key, entry)
         return entry
 
     def put(self, key: str, per_step: tuple[Tensor, ...]) -> None:
-        self.entries[key] = tuple(tensor.detach().to("cpu", copy=True) for tensor in per_step)  # not views of a batch
+        entry = tuple(tensor.detach().to("cpu", copy=True) for tensor in per_step)  # not views of a batch
+        self.remember(key, entry)
+        if self.folder is not None:
+            temporary = self.folder / f".{key}.{os.getpid()}.tmp"
+            save_file({str(part): tensor for part, tensor in enumerate(entry)}, temporary)
+            os.replace(temporary, self.folder / f"{key}.safetensors")
+
+    def remember(self, key: str, entry: tuple[Tensor, ...]) -> None:
+        if not self.capacity:
+            return
+        self.entries[key] = entry
         self.entries.move_to_end(key)
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)
@@ -157,6 +211,12 @@ class InversionDPO(PreferenceDiffusionModule):
             on the CPU (``2 N`` with ``target="reference"``). A VAE samples a new latent each step, a replayed or
             self-play reference changes, and pairs made during training are new, so the cache only holds memory
             there; it is refused with a ``pair_source`` and for pixel batches a VAE encodes.
+        inversion_cache_dir: also keep every inversion on disk, in a folder of this directory named by a hash of the
+            reference's weights and the inversion's settings, and reuse it in any run that inverts the same sample
+            with the same reference: the seeds of a sweep (concurrent processes may share the directory), a resumed
+            or a repeated fit. The same entries as the memory cache, as safetensors files; with
+            ``inversion_cache_size: 0`` only the disk is used. The reference's weights are hashed when training
+            starts and whenever they change (seconds for an SDXL UNet). Refused where the memory cache is.
         **kwargs: the options of [`PreferenceDiffusionModule`][lightning_pref.methods.base.PreferenceDiffusionModule]
             (``beta`` defaults to 2000, the released SDXL script's ``beta_dpo``).
     """
@@ -175,6 +235,7 @@ class InversionDPO(PreferenceDiffusionModule):
         unconditional: UnconditionalBranch = "empty_prompt",
         loser_inversion_prompt: LoserInversionPrompt = "caption",
         inversion_cache_size: int = 0,
+        inversion_cache_dir: str | None = None,
         **kwargs: Any,
     ):
         check_inversion_sign(sign)
@@ -205,10 +266,10 @@ class InversionDPO(PreferenceDiffusionModule):
                 raise ConfigError(
                     f"{option} is not defined for InversionDPO (its margin sums many steps per pair): remove it."
                 )
-        if inversion_cache_size and kwargs.get("pair_source") is not None:
+        if (inversion_cache_size or inversion_cache_dir) and kwargs.get("pair_source") is not None:
             raise ConfigError(
-                "inversion_cache_size caches the inversions of recurring samples, and a pair_source makes new "
-                "pairs every step: set inversion_cache_size: 0."
+                "inversion_cache_size and inversion_cache_dir cache the inversions of recurring samples, and a "
+                "pair_source makes new pairs every step: set inversion_cache_size: 0 and inversion_cache_dir: null."
             )
         super().__init__(*args, beta=beta, **kwargs)
         self.inversion_timesteps = self.process.ddim_inversion_timesteps(num_inversion_steps)
@@ -219,8 +280,27 @@ class InversionDPO(PreferenceDiffusionModule):
         self.sign = sign
         self.unconditional = unconditional
         self.loser_inversion_prompt = loser_inversion_prompt
-        #: a plain attribute: never in checkpoints, rebuilt empty on resume
-        self.inversion_cache = InversionCache(inversion_cache_size) if inversion_cache_size else None
+        #: a plain attribute: never in checkpoints, rebuilt on resume (from ``inversion_cache_dir`` if given)
+        self.inversion_cache = (
+            InversionCache(inversion_cache_size, inversion_cache_dir, self.inversion_settings())
+            if inversion_cache_size or inversion_cache_dir
+            else None
+        )
+
+    def inversion_settings(self) -> str:
+        """What besides the reference's weights decides an inversion: the steps, guidance, unguided branch, stored
+        points, prediction type and noise schedule (an ``inversion_cache_dir`` folder is named by their hash)."""
+        schedule = hashlib.blake2b(self.process.alphas_cumprod.double().numpy().tobytes(), digest_size=8).hexdigest()
+        return repr(
+            (
+                self.inversion_timesteps.tolist(),
+                self.guidance_scale,
+                self.unconditional,
+                self.target,
+                self.process.prediction_type,
+                schedule,
+            )
+        )
 
     @property
     def steps_per_pair(self) -> int:
@@ -241,8 +321,9 @@ class InversionDPO(PreferenceDiffusionModule):
         media, vae = pair_media(batch), getattr(self.backbone, "vae", None)
         if self.inversion_cache is not None and media is not None and media[0] == PIXELS and vae is not None:
             raise ConfigError(
-                "inversion_cache_size: the VAE samples a new latent of each image every step, so the cache never "
-                "hits: precompute latents (`lightning-pref data precompute`) or set inversion_cache_size: 0."
+                "inversion_cache_size/inversion_cache_dir: the VAE samples a new latent of each image every step, so "
+                "the cache never hits: precompute latents (`lightning-pref data precompute`) or set "
+                "inversion_cache_size: 0 and inversion_cache_dir: null."
             )
         return super().prepare_samples(batch, random)
 
@@ -378,12 +459,15 @@ class InversionDPO(PreferenceDiffusionModule):
             if self.inversion_cache is None:
                 return inverted(slice(None)), None
             cache = self.inversion_cache
-            cache.use_version(weights_version(network, exclude=policy_weights))
+            cache.use_version(
+                weights_version(network, exclude=policy_weights), lambda: frozen_tensors(network, policy_weights)
+            )
             keys = cache.keys(x0, conditioning)
             entries = [cache.get(key) for key in keys]
             missing = [row for row, entry in enumerate(entries) if entry is None]
             if missing:
-                fresh = inverted(torch.tensor(missing, device=x0.device))
+                rows = torch.tensor(missing, device=x0.device)
+                fresh = inverted(rows) if cache.directory is None else in_fixed_chunks(inverted, rows)
                 for index, row in enumerate(missing):
                     entries[row] = tuple(per_step[index] for per_step in fresh)
                     cache.put(keys[row], entries[row])
@@ -391,6 +475,19 @@ class InversionDPO(PreferenceDiffusionModule):
             torch.stack([entry[part].to(x0.device) for entry in entries]) for part in range(len(entries[0]))
         )
         return per_step, 1 - len(missing) / len(entries)
+
+
+#: the rows an ``inversion_cache_dir`` inverts at once: a forward's rounding depends on its batch's size, so a fixed
+#: size makes a stored inversion the same numbers whichever run, batch or process made it
+INVERSION_CHUNK = 8
+
+
+def in_fixed_chunks(invert: Callable[[Tensor], tuple[Tensor, ...]], rows: Tensor) -> tuple[Tensor, ...]:
+    """``invert(rows)``, computed ``INVERSION_CHUNK`` rows at a time (the last chunk padded with its last row)."""
+    padding = -len(rows) % INVERSION_CHUNK
+    padded = torch.cat([rows, rows[-1:].expand(padding)])
+    chunks = [invert(chunk) for chunk in padded.split(INVERSION_CHUNK)]
+    return tuple(torch.cat(parts)[: len(rows)] for parts in zip(*chunks, strict=True))
 
 
 def take_steps(per_step: Tensor, steps: Tensor) -> Tensor:

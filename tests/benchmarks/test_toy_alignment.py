@@ -35,6 +35,14 @@ def test_rows_record_their_code_drift_and_difference_from_diffusion_dpo_and_neve
     kto_row = next(line for line in table.splitlines() if line.startswith("| kto |"))
     assert kto_row.split(" | ")[3].startswith(("+", "-"))  # a paired difference with its interval
 
+    # Inversion-DPO's seeds share one inversion store in the row's folder, emptied when the row starts.
+    stale = tmp_path / "inversion_dpo" / "inversions" / "stale"
+    stale.mkdir(parents=True)
+    result = run(["--method", "inversion_dpo", *TINY], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = (tmp_path / "inversion_dpo" / "inversions").iterdir()  # one reference, one folder; the stale gone
+    assert folder.name != "stale" and len(list(folder.glob("*.safetensors"))) >= 2 * 16
+
     # PPD trains on two-user pairs (made on first use) and is measured per user: user 0 (warm) in the row,
     # user 1 (cool, under the cool reward) below the table.
     result = run(["--method", "ppd", *TINY], tmp_path)

@@ -10,6 +10,8 @@ from helpers.cli import printed_config
 from helpers.pairs import pair_loader
 from helpers.steps import batch_of
 from helpers.training import perturb_lora, trainer
+from safetensors.torch import load
+from torch.utils.data import DataLoader
 
 import lightning_pref.methods.inversion_dpo as inversion_module
 from lightning_pref.backbones import StableDiffusionBackbone
@@ -275,6 +277,64 @@ def test_the_cache_is_keyed_by_content_and_bounded(sd_backbone, counted_inversio
     assert len(module.inversion_cache) == 5  # 10 samples inverted, the 5 most recent kept
 
 
+def latent_pairs(num_pairs):
+    """A loader of ``num_pairs`` precomputed latent pairs, two a batch, in a fixed order."""
+    batch = latent_batch(num_pairs)
+    pairs = [{key: value[row] for key, value in batch.items()} for row in range(num_pairs)]
+    return DataLoader(pairs, batch_size=2)
+
+
+def fitted(tiny_sd, tmp_path, **options):
+    """The trained weights of a two-step LoRA fit on four latent pairs (the same initial adapters every call)."""
+    torch.manual_seed(0)
+    module = build(tiny_sd, lr=1e-3, num_inversion_steps=4, timesteps_per_step=2, **options)
+    trainer(tmp_path, 2).fit(module, train_dataloaders=latent_pairs(4))
+    return module.trained_weights(), module.inversion_cache
+
+
+def test_an_inversion_cache_dir_serves_another_run_the_same_inversions(tiny_sd, tmp_path, counted_inversions):
+    plain, _ = fitted(tiny_sd, tmp_path / "plain")
+    inverted, plain_calls = sum(counted_inversions), len(counted_inversions)
+    store = tmp_path / "inversions"
+    cold, cache = fitted(tiny_sd, tmp_path / "cold", inversion_cache_dir=str(store))
+    files = sorted(cache.folder.glob("*.safetensors"))
+    assert cache.folder.parent == store and len(files) == inverted and len(cache) == 0  # the disk alone (size 0)
+    assert set(counted_inversions[plain_calls:]) == {inversion_module.INVERSION_CHUNK}  # in chunks of a fixed size
+    calls = len(counted_inversions)
+    warm, _ = fitted(tiny_sd, tmp_path / "warm", inversion_cache_dir=str(store))
+    assert len(counted_inversions) == calls  # a new run of the same samples and reference inverts none
+    for name, value in cold.items():  # and trains as the run that made them, and as one without a cache
+        assert torch.equal(warm[name], value), name
+        # the plain run inverts a batch at once: its convolutions round differently, by ULPs of the adapters
+        torch.testing.assert_close(value, plain[name], rtol=0, atol=1e-4 * plain[name].abs().max().item())
+    stored = load(files[0].read_bytes())
+    files[0].write_bytes(b"not a safetensors file")  # an unreadable entry is inverted again and rewritten
+    again, cache = fitted(tiny_sd, tmp_path / "again", inversion_cache_dir=str(store))
+    assert cache.unreadable == 1 and len(counted_inversions) == calls + 1
+    assert sorted(cache.folder.glob("*.safetensors")) == files and not list(cache.folder.glob(".*"))
+    rewritten = load(files[0].read_bytes())  # in another batch, as the same numbers
+    assert stored.keys() == rewritten.keys() and all(torch.equal(rewritten[k], v) for k, v in stored.items())
+    assert all(torch.equal(again[name], value) for name, value in cold.items())
+
+
+def test_an_inversion_cache_dir_has_a_folder_per_reference_and_settings(tiny_sd, tmp_path, counted_inversions):
+    store, batch = str(tmp_path / "inversions"), latent_batch(num_pairs=2)
+    module = build(tiny_sd, num_inversion_steps=4, inversion_cache_dir=store)
+    step(module, batch)
+    first = module.inversion_cache.folder
+    guided = build(tiny_sd, num_inversion_steps=4, guidance_scale=3.0, inversion_cache_dir=store)
+    assert step(guided, batch)[3]["inversion_cached_fraction"] == 0.0 and guided.inversion_cache.folder != first
+    with torch.no_grad():  # the policy trains: the reference and its folder stay
+        for param in module.parameters():
+            if param.requires_grad:
+                param.add_(0.01)
+    assert step(module, batch)[3]["inversion_cached_fraction"] == 1.0 and module.inversion_cache.folder == first
+    module.reference.install(module.trained_weights())  # a new reference: a new folder, every sample inverted
+    assert step(module, batch)[3]["inversion_cached_fraction"] == 0.0
+    assert module.inversion_cache.folder not in (first, guided.inversion_cache.folder)
+    assert len(list((tmp_path / "inversions").iterdir())) == 3
+
+
 def test_a_cache_is_refused_for_pixels_a_vae_samples_anew_each_step(sd_backbone):
     module = InversionDPO(sd_backbone, num_inversion_steps=3, inversion_cache_size=5)
     with pytest.raises(ConfigError, match="the VAE samples a new latent"):
@@ -310,6 +370,7 @@ def test_a_two_step_fit_trains_the_policy(tiny_sd, tmp_path, finetune):
         (dict(loser_inversion_prompt="loser"), "loser_inversion_prompt='loser'"),
         (dict(inversion_cache_size=-1), "inversion_cache_size=-1"),
         (dict(inversion_cache_size=4, pair_source=PairSource()), "set inversion_cache_size: 0"),
+        (dict(inversion_cache_dir="inversions", pair_source=PairSource()), "inversion_cache_dir: null"),
         (dict(loser_safeguard=True), "loser_safeguard is not defined for InversionDPO"),
         (dict(entropy_gamma=100.0), "entropy_gamma is not defined for InversionDPO"),
     ],
