@@ -2,6 +2,7 @@
 method trains on online pairs; the example configs."""
 
 import copy
+import inspect
 
 import lightning.pytorch as pl
 import pytest
@@ -15,7 +16,13 @@ from lightning_pref.methods import DMPO
 from lightning_pref.methods.online_dpo import OnlineDPO
 from lightning_pref.pair_sources import RewardRankedPairs
 from lightning_pref.rewards import RewardModel
-from lightning_pref.toy.preferences import TRAIN_PROMPTS, ToyPreferenceReward
+from lightning_pref.toy.preferences import (
+    GUIDANCE_SCALE,
+    SAMPLING_STEPS,
+    TRAIN_PROMPTS,
+    ToyPreferenceReward,
+    generate_toy_preferences,
+)
 
 SAMPLER = dict(num_inference_steps=2, guidance_scale=2.0)
 
@@ -118,14 +125,18 @@ def test_any_pairwise_method_trains_on_online_pairs_and_near_ties_drop_in_the_fi
 
 
 # ----------------------------------------------------------------------------------------------- configs
-def test_the_toy_config_trains_on_the_toy_worlds_training_prompts(capsys):
+def test_the_toy_config_makes_the_toy_datas_pairs_on_the_toy_worlds_training_prompts(capsys):
     printed = printed_config("toy/online_dpo.yaml", capsys)
     assert printed["data"]["init_args"]["prompts"] == list(TRAIN_PROMPTS)
     model = printed["model"]["init_args"]
     assert model["backbone"]["init_args"]["pretrained"] == "lightning_pref/toy/base_model"
     assert (model["finetune"], model["lr"], model["beta"], model["warmup_steps"]) == ("full", 2e-5, 5000, 20)
-    reward = model["pair_source"]["init_args"]["reward"]
-    assert reward["class_path"] == "lightning_pref.toy.preferences.ToyPreferenceReward"
+    source = model["pair_source"]["init_args"]
+    assert source["reward"]["class_path"] == "lightning_pref.toy.preferences.ToyPreferenceReward"
+    # as the offline toy pairs are made: two samples of a prompt at the toy sampler, near-ties dropped
+    tie_threshold = inspect.signature(generate_toy_preferences).parameters["tie_threshold"].default
+    assert (source["candidates"], source["min_reward_gap"]) == (2, tie_threshold)
+    assert (source["num_inference_steps"], source["guidance_scale"]) == (SAMPLING_STEPS, GUIDANCE_SCALE)
 
 
 def test_the_sd15_config_parses(capsys):
