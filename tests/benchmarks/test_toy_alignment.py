@@ -1,6 +1,8 @@
 """The toy alignment benchmark end to end on a small budget: data, CLI fits in parallel, evaluation, table."""
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 
@@ -65,3 +67,24 @@ def test_rows_record_their_code_drift_and_difference_from_diffusion_dpo_and_neve
     refused = run(["--table", "--docs", str(page)], tmp_path)
     assert refused.returncode != 0 and "different code" in refused.stderr + refused.stdout
     assert page.read_text() == "<!-- toy-alignment:start -->\n<!-- toy-alignment:end -->\n"
+
+
+def test_the_committed_table_is_its_summaries_which_ran_the_committed_configs_at_one_code(tmp_path):
+    """docs/benchmarks.md's table is what the saved summaries give, one per toy config; each summary ran the config
+    as committed (a config changed since needs its row rerun), and all ran the same code."""
+    results = REPO / "benchmarks" / "results" / "toy_alignment"
+    configs = {path.stem: path for path in (REPO / "examples" / "toy").glob("*.yaml")}
+    summaries = {path.parent.name: json.loads(path.read_text()) for path in results.glob("*/summary.json")}
+    assert summaries.keys() == configs.keys()
+    for name, summary in summaries.items():
+        ran = hashlib.sha256(configs[name].read_bytes()).hexdigest()[:12]
+        assert summary["config_sha256"] == ran, f"{name}: its config changed since its row ran; rerun the row"
+        assert summary["name"] == summary["method"] == name and not summary["overrides"]
+        assert len(summary["runs"]) >= 5
+    assert len({summary["code"] for summary in summaries.values()}) == 1
+
+    page = tmp_path / "benchmarks.md"
+    shutil.copy(REPO / "docs" / "benchmarks.md", page)
+    rebuilt = run(["--table", "--docs", str(page)], results)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert page.read_text() == (REPO / "docs" / "benchmarks.md").read_text()
