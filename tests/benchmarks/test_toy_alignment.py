@@ -71,7 +71,8 @@ def test_rows_record_their_code_drift_and_difference_from_diffusion_dpo_and_neve
 
 def test_the_committed_table_is_its_summaries_which_ran_the_committed_configs_at_one_code(tmp_path):
     """docs/benchmarks.md's table is what the saved summaries give, one per toy config; each summary ran the config
-    as committed (a config changed since needs its row rerun), and all ran the same code."""
+    as committed (a config changed since needs its row rerun), and all ran the same code (``--table`` refuses
+    rows of different code)."""
     results = REPO / "benchmarks" / "results" / "toy_alignment"
     configs = {path.stem: path for path in (REPO / "examples" / "toy").glob("*.yaml")}
     summaries = {path.parent.name: json.loads(path.read_text()) for path in results.glob("*/summary.json")}
@@ -81,7 +82,6 @@ def test_the_committed_table_is_its_summaries_which_ran_the_committed_configs_at
         assert summary["config_sha256"] == ran, f"{name}: its config changed since its row ran; rerun the row"
         assert summary["name"] == summary["method"] == name and not summary["overrides"]
         assert len(summary["runs"]) >= 5
-    assert len({summary["code"] for summary in summaries.values()}) == 1
 
     page = tmp_path / "benchmarks.md"
     shutil.copy(REPO / "docs" / "benchmarks.md", page)
