@@ -20,7 +20,7 @@ the table. Every seed trains at once, in its own process with one
 thread (``--jobs``): five single-thread processes share two cores better than rounds of two, since a second
 thread speeds one seed up only about 1.4 times.
 Every summary records the commit and a hash of the library's code, the benchmark and the method's config;
-the table refuses to mix rows whose code differs.
+the table refuses to mix rows whose code differs, and rows whose config changed since they ran.
 
     python benchmarks/toy_alignment.py --method diffusion_dpo            # one method, 5 seeds
     python benchmarks/toy_alignment.py --all                             # every method; writes docs/benchmarks.md
@@ -89,6 +89,11 @@ def code_hash() -> str:
     return digest.hexdigest()[:12]
 
 
+def config_sha256(method: str) -> str:
+    """SHA-256 (first 12 hex digits) of a method's toy config as it is now."""
+    return hashlib.sha256((CONFIGS / f"{method}.yaml").read_bytes()).hexdigest()[:12]
+
+
 def commit() -> str:
     try:
         head = subprocess.run(
@@ -109,10 +114,26 @@ def commit() -> str:
 # ------------------------------------------------------------------------------------------ shared inputs
 def shared_inputs(args: argparse.Namespace) -> dict[str, Path]:
     """Training pairs, held-out pairs and the base model's held-out samples: made once, reused by every run (and
-    two-user pairs when ``args.method`` trains on them)."""
+    two-user pairs when ``args.method`` trains on them). The libraries load only when something is missing."""
+    paths = {
+        "train": args.out / f"data-{args.pairs}",
+        "real": args.out / f"real-{args.pairs}",
+        "users": args.out / f"users-{args.pairs}",
+        "heldout": args.out / f"heldout-{args.heldout_pairs}",
+        "base_samples": args.out / f"base-samples-{args.eval_seeds}.safetensors",
+    }
+    wanted = [name for name in paths if name != "users" or data_class(args.method) == "UserPreferenceDataModule"]
+    missing = [
+        name for name in wanted if not (paths[name] / "info.json" if paths[name].is_dir() else paths[name]).exists()
+    ]
+    if not missing:
+        return paths
+
     import torch
     from safetensors.torch import save_file
 
+    from lightning_pref.backbones import StableDiffusionBackbone
+    from lightning_pref.toy import BASE_MODEL_PATH
     from lightning_pref.toy.evaluation import heldout_samples
     from lightning_pref.toy.preferences import (
         HELDOUT_PROMPTS,
@@ -122,25 +143,18 @@ def shared_inputs(args: argparse.Namespace) -> dict[str, Path]:
     )
     from lightning_pref.toy.users import generate_two_user_preferences
 
-    paths = {
-        "train": args.out / f"data-{args.pairs}",
-        "real": args.out / f"real-{args.pairs}",
-        "users": args.out / f"users-{args.pairs}",
-        "heldout": args.out / f"heldout-{args.heldout_pairs}",
-        "base_samples": args.out / f"base-samples-{args.eval_seeds}.safetensors",
-    }
-    if not (paths["train"] / "info.json").exists():
+    if "train" in missing:
         info = generate_toy_preferences(paths["train"], args.pairs, pipeline=args.pretrained, seed=0, progress=True)
         print(f"training pairs: {info['counts']}", flush=True)
-    if not (paths["real"] / "info.json").exists():
+    if "real" in missing:
         info = generate_toy_winners(paths["real"], args.pairs, seed=0)
         print(f"real winners: {info['counts']}", flush=True)
-    if data_class(args.method) == "UserPreferenceDataModule" and not (paths["users"] / "info.json").exists():
+    if "users" in missing:
         info = generate_two_user_preferences(
             paths["users"], args.pairs, pipeline=args.pretrained, seed=0, progress=True
         )
         print(f"two-user pairs: {info['counts']}", flush=True)
-    if not (paths["heldout"] / "info.json").exists():
+    if "heldout" in missing:
         info = generate_toy_preferences(
             paths["heldout"],
             args.heldout_pairs,
@@ -150,10 +164,7 @@ def shared_inputs(args: argparse.Namespace) -> dict[str, Path]:
             progress=True,
         )
         print(f"held-out pairs: {info['counts']}", flush=True)
-    if not paths["base_samples"].exists():
-        from lightning_pref.backbones import StableDiffusionBackbone
-        from lightning_pref.toy import BASE_MODEL_PATH
-
+    if "base_samples" in missing:
         base = StableDiffusionBackbone(str(args.pretrained or BASE_MODEL_PATH)).eval()
         prompts, seeds = heldout_samples(args.eval_seeds)
         with torch.no_grad():
@@ -256,9 +267,11 @@ def worker_command(args: argparse.Namespace, seed: int) -> list[str]:
 
 
 def run_method(args: argparse.Namespace) -> dict:
-    """Every seed of one method, ``--jobs`` at a time, each in its own process; saves the summary."""
+    """Every seed of one method, ``--jobs`` at a time, each in its own process; saves the summary. The row's time
+    leaves out the shared inputs it made first (``shared_inputs_seconds``), which every later row reuses."""
     start = time.perf_counter()
     shared_inputs(args)
+    made = time.perf_counter()
     row_dir = args.out / args.name
     row_dir.mkdir(parents=True, exist_ok=True)
     if (store := inversion_store(args)) is not None:
@@ -287,13 +300,12 @@ def run_method(args: argparse.Namespace) -> dict:
             print(json.dumps(run), flush=True)
             runs.append(run)
     runs.sort(key=lambda run: run["seed"])
-    config = CONFIGS / f"{args.method}.yaml"
     summary = {
         "method": args.method,
         "name": args.name,
         "commit": commit(),
         "code": code_hash(),
-        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest()[:12],
+        "config_sha256": config_sha256(args.method),
         "overrides": args.set,
         "settings": {
             "pairs": args.pairs,
@@ -303,7 +315,8 @@ def run_method(args: argparse.Namespace) -> dict:
             "jobs": args.jobs,
             "pretrained": args.pretrained,
         },
-        "wall_seconds": time.perf_counter() - start,
+        "shared_inputs_seconds": made - start,
+        "wall_seconds": time.perf_counter() - made,
         "runs": runs,
     }
     (row_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -337,6 +350,16 @@ def table(summaries: list[dict], command: str) -> str:
     if len(codes) > 1:
         rows = ", ".join(f"{s['name']}: {s['code']} ({s['commit']})" for s in summaries)
         raise SystemExit(f"the saved rows come from different code ({rows}): rerun the stale rows with --method NAME.")
+    changed = [
+        s["name"]
+        for s in summaries
+        if s["name"] == s["method"] and not s["overrides"] and s["config_sha256"] != config_sha256(s["method"])
+    ]
+    if changed:
+        raise SystemExit(
+            f"the toy config of {', '.join(changed)} changed since its row ran (examples/toy/NAME.yaml): "
+            "rerun each with --method NAME."
+        )
     by_name = {summary["name"]: summary for summary in summaries}
     first = summaries[0]
     lines = [
@@ -368,6 +391,8 @@ def table(summaries: list[dict], command: str) -> str:
             f"| {100 * stats['winner_error_change']:+.1f}% / {100 * stats['loser_error_change']:+.1f}% "
             f"| {stats['collapsed']} of {stats['seeds']} | {summary['wall_seconds']:.0f} |"
         )
+    rows, shared = (sum(summary[key] for summary in summaries) for key in ("wall_seconds", "shared_inputs_seconds"))
+    lines += ["", f"Rows: {rows / 60:.0f} min in all, and {shared / 60:.0f} min making the inputs they share."]
     return "\n".join(lines + ([""] + per_user if per_user else []))
 
 

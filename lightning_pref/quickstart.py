@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,10 +30,13 @@ EVAL_SEEDS = 32  # initial-noise seeds per held-out prompt: 128 samples
 
 
 def prepare_data(out: Path) -> None:
-    from lightning_pref.toy.preferences import HELDOUT_PROMPTS, generate_toy_preferences
+    from lightning_pref.toy.preferences import HELDOUT_PROMPTS, generate_toy_preferences, sampled_from
 
     for name, pairs, prompts, seed in (("data", PAIRS, None, 0), ("heldout", HELDOUT_PAIRS, HELDOUT_PROMPTS, 1)):
-        if not (out / name / "info.json").exists():
+        if not sampled_from(out / name):
+            if (out / name).exists():
+                print(f"{out / name} was sampled from another toy base model: sampling it again.", flush=True)
+                shutil.rmtree(out / name)
             print(f"Sampling {pairs} candidate pairs from the toy base model into {out / name} ...", flush=True)
             options = {"prompts": prompts} if prompts else {}
             counts = generate_toy_preferences(out / name, pairs, seed=seed, progress=True, **options)["counts"]

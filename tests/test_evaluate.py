@@ -20,6 +20,7 @@ from lightning_pref.generation import generate
 from lightning_pref.rewards.toy import WarmthReward
 from lightning_pref.toy import BASE_MODEL_PATH
 from lightning_pref.toy.preferences import HELDOUT_PROMPTS
+from lightning_pref.toy.world import IMAGE_SIZE
 
 SCORERS = [
     ScorerSpec("lightning_pref.rewards.toy.WarmthReward"),
@@ -117,7 +118,7 @@ def test_the_output_records_the_resolved_spec_scorers_and_versions(prompts_file,
         ModelSource(str(tuned_pipeline)), ModelSource(str(BASE_MODEL_PATH)), spec_of(prompts_file), SCORERS[:1]
     )
     spec = result["spec"]
-    assert spec["prompt_format"] == "text" and spec["resolution"] == [32, 32] and spec["frames"] is None
+    assert spec["prompt_format"] == "text" and spec["resolution"] == [IMAGE_SIZE, IMAGE_SIZE] and spec["frames"] is None
     assert len(spec["prompts_sha256"]) == 64 and spec["num_inference_steps"] == 3
     assert result["scorers"] == [
         {
@@ -137,7 +138,7 @@ def test_the_output_records_the_resolved_spec_scorers_and_versions(prompts_file,
     changed.write_text("a cross\n")
     with pytest.raises(DataError, match="is not the file the spec was written with"):
         EvaluationSpec.from_file(tmp_path / "out.json", prompts=str(changed)).read_prompts()
-    with pytest.raises(ConfigError, match=r"resolution=\[64, 64\]: the model samples \[32, 32\]"):
+    with pytest.raises(ConfigError, match=rf"resolution=\[64, 64\]: the model samples \[{IMAGE_SIZE}, {IMAGE_SIZE}\]"):
         evaluate(
             ModelSource(str(tuned_pipeline)),
             ModelSource(str(BASE_MODEL_PATH)),
@@ -281,7 +282,7 @@ def test_sample_writes_a_png_per_sample_a_grid_and_the_spec(prompts_file, tuned_
         (HELDOUT_PROMPTS[1], 7),
         (HELDOUT_PROMPTS[1], 8),
     ]
-    assert written["spec"]["resolution"] == [32, 32] and written["spec"]["batch_size"] == 3
+    assert written["spec"]["resolution"] == [IMAGE_SIZE, IMAGE_SIZE] and written["spec"]["batch_size"] == 3
     backbone = StableDiffusionBackbone(str(tuned_pipeline)).eval()
     prompts = [sample["prompt"] for sample in written["samples"]]
     images = generate(backbone, prompts, [7, 8, 7, 8], num_inference_steps=3, guidance_scale=3.0, batch_size=3)
@@ -289,8 +290,8 @@ def test_sample_writes_a_png_per_sample_a_grid_and_the_spec(prompts_file, tuned_
     for sample, pixels in zip(written["samples"], expected):
         assert np.array_equal(np.asarray(Image.open(tmp_path / sample["file"])), pixels)
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
-    assert grid.shape == (64, 64, 3)  # a row per prompt, a column per seed
-    assert np.array_equal(grid[32:, :32], expected[2])
+    assert grid.shape == (2 * IMAGE_SIZE, 2 * IMAGE_SIZE, 3)  # a row per prompt, a column per seed
+    assert np.array_equal(grid[IMAGE_SIZE:, :IMAGE_SIZE], expected[2])
 
 
 def test_videos_go_to_a_video_scorer_given_with_nested_init_args():

@@ -4,7 +4,7 @@ All of them start by separating the shape from the background: the background co
 the image's one-pixel border (the world keeps shapes off the border), and a pixel belongs to the shape
 when its RGB distance to that colour exceeds ``FOREGROUND_DISTANCE`` (the weakest contrast in the
 world, purple on gray, is 0.39) and most of its 3x3 neighbours agree. Everything is vectorised over
-the batch: thousands of 32x32 images per second on one CPU core. None of them is differentiable (the
+the batch: thousands of 24x24 images per second on one CPU core. None of them is differentiable (the
 masks are hard): they label preference pairs and measure samples, they do not backpropagate.
 
 * ``WarmthReward``: how warm the shape's colour is, in [0, 1] (red 1, blue close to 0).
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_pref.rewards.base import RewardModel
-from lightning_pref.toy.world import COLORS, SHAPES, parse_prompt, render
+from lightning_pref.toy.world import COLORS, IMAGE_SIZE, SHAPES, parse_prompt, render
 
 FOREGROUND_DISTANCE = 0.25  # RGB distance (channels in [0, 1]) from the background beyond which a pixel is shape
 MIN_SHAPE_PIXELS = 4  # fewer foreground pixels than this: nothing is drawn
@@ -30,6 +30,7 @@ GRAY_SATURATION = 0.25  # below this HSV saturation a colour is gray: it has no 
 FULL_SATURATION = 0.5  # from this saturation on, warmth is the hue's warmth alone
 TEMPLATE_GRID = 24  # side of the canonical frame shapes are compared in
 TEMPLATE_REACH = 2.5  # the canonical frame spans +-2.5 radii of gyration around the shape's centroid
+TEMPLATE_RENDERS = 32  # renders of each shape averaged into its template
 
 
 def background_colors(images: Tensor) -> Tensor:
@@ -114,21 +115,27 @@ def normalize_masks(masks: Tensor) -> Tensor:
     return F.grid_sample(masks[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
 
 
-@functools.lru_cache(maxsize=1)
-def shape_templates() -> Tensor:
-    """``(len(SHAPES), G, G)``: each shape as the world renders it (96 pixels wide), normalised."""
+@functools.lru_cache(maxsize=4)
+def shape_templates(size: int) -> Tensor:
+    """``(len(SHAPES), G, G)``: each shape's normalised foreground mask, averaged over ``TEMPLATE_RENDERS``
+    renders at the images' own ``size``. Templates pass through the same 3x3 clean-up as the images, so
+    the rounding it gives a small shape's corners (a cross's notches) is in its template too."""
     rng = np.random.default_rng(0)
-    renders = np.stack([render(shape, "red", "white", rng, size=96) for shape in SHAPES])
-    images = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 255
-    return normalize_masks(foreground_masks(images))
+    templates = []
+    for shape in SHAPES:
+        renders = np.stack([render(shape, "red", "white", rng, size=size) for _ in range(TEMPLATE_RENDERS)])
+        images = torch.from_numpy(renders).permute(0, 3, 1, 2).float() / 255
+        templates.append(normalize_masks(foreground_masks(images)).mean(dim=0))
+    return torch.stack(templates)
 
 
 def classify_shapes(images: Tensor) -> Tensor:
     """``(B,)`` index into ``SHAPES`` (lightning_pref.toy.world) of the template that overlaps the
-    normalised foreground mask best (intersection over union); -1 when no shape is found."""
+    normalised foreground mask best (intersection over union); -1 when no shape is found. The templates are
+    drawn at the images' size, or at the world's ``IMAGE_SIZE`` for smaller images (too small to draw in)."""
     masks = foreground_masks(images)
     normalized = normalize_masks(masks)[:, None]  # (B, 1, G, G)
-    templates = shape_templates().to(normalized)[None]  # (1, S, G, G)
+    templates = shape_templates(max(images.shape[-1], IMAGE_SIZE)).to(normalized)[None]  # (1, S, G, G)
     intersection = torch.minimum(normalized, templates).sum(dim=(2, 3))
     union = torch.maximum(normalized, templates).sum(dim=(2, 3))
     best = (intersection / union.clamp(min=1e-6)).argmax(dim=1)

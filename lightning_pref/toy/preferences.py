@@ -19,6 +19,7 @@ DataModule and configs read them as they read converted Pick-a-Pic.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -79,6 +80,27 @@ def sample_images(
         batch_size=batch_size,
         progress=progress,
     ).cpu()
+
+
+def pipeline_sha256(pipeline: str | Path | None = None) -> str:
+    """SHA-256 (first 12 hex digits) of a pipeline directory's weights, the toy base model's by default: what
+    pairs sampled from it depend on."""
+    from lightning_pref.toy import BASE_MODEL_PATH
+
+    root = Path(pipeline or BASE_MODEL_PATH)
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.safetensors")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def sampled_from(out_dir: str | Path, pipeline: str | Path | None = None) -> bool:
+    """Whether ``out_dir`` holds finished toy pairs (its ``info.json``) sampled from ``pipeline``'s weights as
+    they are now, so that cached data go stale when the base model changes."""
+    info = Path(out_dir) / "info.json"
+    return info.is_file() and json.loads(info.read_text())["settings"].get("pipeline_sha256") == pipeline_sha256(
+        pipeline
+    )
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -165,6 +187,7 @@ def generate_toy_preferences(
             "sampling_steps": SAMPLING_STEPS,
             "guidance_scale": GUIDANCE_SCALE,
             "pipeline": str(pipeline or "toy base model"),
+            "pipeline_sha256": pipeline_sha256(pipeline),
         },
         "counts": counts,
     }

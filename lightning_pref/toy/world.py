@@ -1,6 +1,6 @@
 """A procedural world of coloured shapes, small enough to train a text-to-image diffusion model on a CPU.
 
-Every image is 32x32 RGB: one shape of one colour at a jittered position and size on a plain background.
+Every image is 24x24 RGB: one shape of one colour at a jittered position and size on a plain background.
 Prompts always name the shape and only sometimes the colour and the background, e.g.
 "a red circle on a gray background", "a circle on a white background" or "a circle".
 
@@ -41,7 +41,7 @@ WORDS = ("a", "an", "on", "background", *SHAPES, *COLORS, *BACKGROUNDS)
 COLOR_NAMED_PROBABILITY = 0.5
 BACKGROUND_NAMED_PROBABILITY = 0.5
 
-IMAGE_SIZE = 32
+IMAGE_SIZE = 24
 SUPERSAMPLING = 4  # draw at 4x the size, then average down: anti-aliased edges
 SHAPE_EXTENT = (0.4, 0.6)  # side of the shape's bounding box, as a fraction of the image side
 BORDER_MARGIN = 2  # pixels kept free around the shape, so the image border is pure background
@@ -111,7 +111,7 @@ def render(shape: str, color: str, background: str, rng: np.random.Generator, si
 
 
 def sample_scene(rng: np.random.Generator) -> tuple[str, np.ndarray, dict[str, str]]:
-    """A random scene: its prompt, its image (32x32x3 uint8) and the attributes actually drawn."""
+    """A random scene: its prompt, its image (24x24x3 uint8) and the attributes actually drawn."""
     shape = SHAPES[rng.integers(len(SHAPES))]
     color = list(COLORS)[rng.integers(len(COLORS))]
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
@@ -128,7 +128,7 @@ def image_to_pixels(image: np.ndarray) -> torch.Tensor:
 
 
 class ToySceneDataset(torch.utils.data.Dataset):
-    """``num_samples`` random scenes as ``{"pixels": (3, 32, 32) float in [-1, 1], "prompt": str}``.
+    """``num_samples`` random scenes as ``{"pixels": (3, 24, 24) float in [-1, 1], "prompt": str}``.
 
     Scene ``i`` depends only on ``(seed, i)``, so it is the same in any order, in any worker, on any run.
     """

@@ -10,24 +10,27 @@ from lightning_pref.rewards import (
     WeightedSumReward,
 )
 from lightning_pref.rewards.toy import classify_colors, classify_shapes
-from lightning_pref.toy.world import BACKGROUNDS, COLORS, SHAPES, make_prompt, render
+from lightning_pref.toy.world import BACKGROUNDS, COLORS, IMAGE_SIZE, SHAPES, make_prompt, render
 
 
-def rendered_batch(count: int, seed: int = 0):
-    """``count`` random renders as (B, 3, 32, 32) in [0, 1], with the shapes and colours drawn."""
+def rendered_batch(count: int, seed: int = 0, size: int = IMAGE_SIZE):
+    """``count`` random renders as (B, 3, IMAGE_SIZE, IMAGE_SIZE) in [0, 1], with the shapes and colours drawn."""
     rng = np.random.default_rng(seed)
     shapes = [SHAPES[i] for i in rng.integers(len(SHAPES), size=count)]
     colors = [list(COLORS)[i] for i in rng.integers(len(COLORS), size=count)]
     backgrounds = [list(BACKGROUNDS)[i] for i in rng.integers(len(BACKGROUNDS), size=count)]
-    images = np.stack([render(s, c, b, rng) for s, c, b in zip(shapes, colors, backgrounds)])
+    images = np.stack([render(s, c, b, rng, size=size) for s, c, b in zip(shapes, colors, backgrounds)])
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, shapes, colors
 
 
-def test_shapes_and_colours_of_renders_are_classified_correctly():
-    images, shapes, colors = rendered_batch(400)
-    shape_accuracy = (classify_shapes(images) == torch.tensor([SHAPES.index(s) for s in shapes])).float().mean()
+@pytest.mark.parametrize("size", [IMAGE_SIZE, 32])
+def test_shapes_and_colours_of_renders_are_classified_correctly(size):
+    images, shapes, colors = rendered_batch(400, size=size)
+    drawn = torch.tensor([SHAPES.index(s) for s in shapes])
+    shape_correct = classify_shapes(images) == drawn
     color_accuracy = (classify_colors(images) == torch.tensor([list(COLORS).index(c) for c in colors])).float().mean()
-    assert shape_accuracy > 0.95
+    # every shape, the cross included: at small sizes the 3x3 clean-up rounds its notches towards a circle
+    assert all(shape_correct[drawn == index].float().mean() > 0.95 for index in range(len(SHAPES)))
     assert color_accuracy > 0.95
 
 

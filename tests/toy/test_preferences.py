@@ -1,4 +1,5 @@
 import json
+import shutil
 import tarfile
 
 import pytest
@@ -6,7 +7,13 @@ import torch
 
 from lightning_pref.datamodules import PreferenceDataModule
 from lightning_pref.errors import ConfigError
-from lightning_pref.toy.preferences import HELDOUT_PROMPTS, TRAIN_PROMPTS, ToyPreferenceReward, generate_toy_preferences
+from lightning_pref.toy.preferences import (
+    HELDOUT_PROMPTS,
+    TRAIN_PROMPTS,
+    ToyPreferenceReward,
+    generate_toy_preferences,
+    sampled_from,
+)
 
 
 def read_metadata(out_dir):
@@ -54,6 +61,15 @@ def test_same_seed_same_data(tiny_pixel, tmp_path):
     second = generate_toy_preferences(tmp_path / "b", 8, pipeline=tiny_pixel, seed=1)
     assert first["counts"] == second["counts"]
     assert read_metadata(tmp_path / "a") == read_metadata(tmp_path / "b")
+
+
+def test_cached_pairs_go_stale_when_the_model_they_were_sampled_from_changes(tiny_pixel, tmp_path):
+    model = shutil.copytree(tiny_pixel, tmp_path / "model")
+    generate_toy_preferences(tmp_path / "pairs", 4, pipeline=model)
+    assert sampled_from(tmp_path / "pairs", model) and not sampled_from(tmp_path / "absent", model)
+    weights = next(model.glob("unet/*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))  # one bit of one weight
+    assert not sampled_from(tmp_path / "pairs", model)
 
 
 def test_bad_options_are_clear_errors(tiny_pixel, tmp_path):

@@ -6,6 +6,7 @@ from lightning_pref.toy.world import (
     BACKGROUNDS,
     COLORS,
     EVAL_PROMPTS,
+    IMAGE_SIZE,
     SHAPES,
     WORDS,
     ToySceneDataset,
@@ -20,7 +21,7 @@ def test_render_is_deterministic_given_the_generator_state():
     first = render("triangle", "orange", "gray", np.random.default_rng(7))
     second = render("triangle", "orange", "gray", np.random.default_rng(7))
     other = render("triangle", "orange", "gray", np.random.default_rng(8))
-    assert first.shape == (32, 32, 3) and first.dtype == np.uint8
+    assert first.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and first.dtype == np.uint8
     np.testing.assert_array_equal(first, second)
     assert not np.array_equal(first, other)
 
@@ -89,12 +90,12 @@ def test_dataset_yields_pixels_in_range_and_is_reproducible():
     dataset = ToySceneDataset(num_samples=8, seed=3)
     item = dataset[5]
     assert set(item) == {"pixels", "prompt"}
-    assert item["pixels"].shape == (3, 32, 32) and item["pixels"].dtype == torch.float32
+    assert item["pixels"].shape == (3, IMAGE_SIZE, IMAGE_SIZE) and item["pixels"].dtype == torch.float32
     assert item["pixels"].min() >= -1 and item["pixels"].max() <= 1
     assert torch.equal(item["pixels"], ToySceneDataset(num_samples=8, seed=3)[5]["pixels"])
     assert not torch.equal(item["pixels"], ToySceneDataset(num_samples=8, seed=4)[5]["pixels"])
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=4)))
-    assert batch["pixels"].shape == (4, 3, 32, 32) and len(batch["prompt"]) == 4
+    assert batch["pixels"].shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE) and len(batch["prompt"]) == 4
 
 
 def test_dataset_rejects_bad_sizes_and_indices():
