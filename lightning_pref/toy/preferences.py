@@ -44,8 +44,9 @@ HELDOUT_PROMPTS: tuple[str, ...] = (
 )
 TRAIN_PROMPTS: tuple[str, ...] = tuple(p for p in EVAL_PROMPTS if p not in HELDOUT_PROMPTS)
 
-# Sampler settings shared by data generation, the quickstart and the benchmark. Ten DDIM steps draw what
-# twenty do on this model (warmth of the same seeds correlates 0.97; shape agreement 0.96 vs 0.95) in half the time.
+# Sampler settings shared by data generation, the quickstart and the benchmark. Ten DDIM steps draw the colours
+# twenty do on this model (warmth of the same seeds correlates 0.98) in half the time, with somewhat rougher shapes
+# (shape agreement 0.90 against 0.98 on the evaluation prompts; six steps: correlation 0.94, shapes 0.86).
 SAMPLING_STEPS = 10
 GUIDANCE_SCALE = 3.0
 
