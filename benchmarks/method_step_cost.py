@@ -6,7 +6,7 @@ steps and guidance the toy benchmark uses), a few steps at a time, on one thread
 generation: SSPO's reference samples and online DPO's candidates are made inside the step; SPIN-Diffusion makes
 one loser per real winner at the start of each iteration, and that time is spread over the iteration's steps.
 The real-winner set is sized so SPIN generates as many losers per training step as its toy config does (1024
-winners for 70 steps of 16 pairs: about one loser per pair trained on).
+winners for an iteration of 70 steps: about 15 losers a step).
 
 Prints each method's step time over Diffusion-DPO's in the same round, per round and their mean (the rounds
 run at different machine loads; a ratio within one round is steadier than a median over rounds).
@@ -105,10 +105,9 @@ def main() -> None:
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        batch_size = 16  # the toy configs' pairs (winners) per step
         data = {"pairs": out / "pairs", "real": out / "real"}
-        generate_toy_preferences(data["pairs"], 2 * batch_size * args.steps, seed=0)
-        generate_toy_winners(data["real"], batch_size * args.steps * 1024 // (70 * 16), seed=0)
+        generate_toy_preferences(data["pairs"], 2 * 16 * args.steps, seed=0)  # twice Diffusion-DPO's 16 pairs a step
+        generate_toy_winners(data["real"], args.steps * 1024 // 70, seed=0)  # SPIN: 1024 winners per 70-step iteration
         times: dict[str, list[float]] = {method: [] for method in METHODS}
         for repeat in range(args.repeats):
             order = METHODS if repeat % 2 == 0 else tuple(reversed(METHODS))
