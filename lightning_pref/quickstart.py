@@ -52,7 +52,7 @@ def main(args: list[str] | None = None) -> None:
     quiet_libraries()
     prepare_data(OUTPUT)
     seed = str(options.seed)
-    module = PreferenceCLI(
+    cli = PreferenceCLI(
         args=[
             "fit",
             "--config",
@@ -64,18 +64,18 @@ def main(args: list[str] | None = None) -> None:
             "--data.init_args.seed",
             seed,
         ]
-    ).model
+    )
 
     from lightning_pref.toy.evaluation import evaluate_against_base, verdict
 
     print("\nComparing the tuned model with the base on the held-out prompts ...", flush=True)
-    result = evaluate_against_base(module.eval().backbone, None, EVAL_SEEDS, OUTPUT / "heldout", progress=True)
+    result = evaluate_against_base(cli.model.eval().backbone, None, EVAL_SEEDS, OUTPUT / "heldout", progress=True)
     result["seed"] = options.seed
     (OUTPUT / "alignment.json").write_text(json.dumps(result, indent=2))
     metrics = find_metrics(OUTPUT / "lightning_logs")
     curves = plot_training_curves(metrics, OUTPUT / "curves.png")
     print()
-    print(f"checkpoint:  {OUTPUT / 'checkpoints' / 'last.ckpt'}")
+    print(f"checkpoint:  {cli.trainer.checkpoint_callback.last_model_path}")  # last-v1.ckpt beside an earlier run's
     print(f"metrics:     {metrics}")
     print(f"curves:      {curves}")
     print(f"samples:     {OUTPUT / 'samples' / 'before_after.png'} (top: before, bottom: after)")
